@@ -1,0 +1,281 @@
+"""One offline HTML report of a sweep (or of the paper's data), plus each figure on its own.
+
+Writes into the results folder (or `out_dir`): report.html (plotly.js inline once, no network),
+fig1_similar.html … fig5_curves.html, table1.json, science_check.json, and PNG/SVG copies where
+kaleido is installed. Usage: `build_report(results_dir)` (the sweep calls it at its end) or
+`python -m analysis RESULTS_DIR [--out DIR]`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from analysis import figures
+from analysis.results import (BASE_TREATMENTS, METRIC, SETTING_COLUMNS, SPLIT_KINDS, TREATMENTS, load_curves,
+                              load_rows, settings, with_base)
+from analysis.stats import science_check, table1
+
+log = logging.getLogger(__name__)
+
+FIGURE_FILES = ("fig1_similar", "fig2_dissimilar", "fig3_table1", "fig4_layer_effects", "fig5_curves")
+PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+
+# Clicking a network in figures 1/2 (customdata[0] = job key) shows its curves in figure 5 by
+# applying that job's dropdown entry; the <select> lists the same entries.
+CLICK_SCRIPT = """
+document.getElementById('{plot_id}').on('plotly_click', function (event) {
+  var point = event.points && event.points[0];
+  if (point && point.customdata && typeof point.customdata[0] === 'string') { showCurves(point.customdata[0]); }
+});"""
+CURVES_SCRIPT = """
+function curveButtons() {
+  var gd = document.getElementById('fig5_curves');
+  var menus = (gd && gd.layout && gd.layout.updatemenus) || [];
+  return menus.length ? menus[0].buttons : [];
+}
+function showCurves(key) {
+  var gd = document.getElementById('fig5_curves'), buttons = curveButtons();
+  var note = document.getElementById('curves-note');
+  for (var i = 0; i < buttons.length; i++) {
+    if (buttons[i].label === key) {
+      Plotly.update(gd, buttons[i].args[0], buttons[i].args[1]);
+      Plotly.relayout(gd, {'updatemenus[0].active': i});
+      document.getElementById('job-picker').value = key;
+      note.textContent = '';
+      return;
+    }
+  }
+  note.textContent = 'no per-epoch metrics for ' + key;
+}
+function fillPicker() {
+  var picker = document.getElementById('job-picker');
+  curveButtons().forEach(function (button) {
+    var option = document.createElement('option');
+    option.value = option.textContent = button.label;
+    picker.appendChild(option);
+  });
+  picker.addEventListener('change', function () { showCurves(picker.value); });
+}"""
+# Any script error is written into the page, so a figure that failed to draw is visible (and testable).
+ERROR_HOOK = """
+window.reportErrors = [];
+function reportError(message) {
+  window.reportErrors.push(message);
+  var box = document.getElementById('report-errors');
+  if (box) { box.hidden = false; box.textContent += 'script error: ' + message + '\\n'; }
+}
+window.addEventListener('error', function (event) { reportError(String(event.message)); });
+window.addEventListener('unhandledrejection', function (event) { reportError(String(event.reason)); });"""
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 0 1.5rem 3rem; color: #222; }
+h1 { font-size: 1.5rem; margin: 1rem 0 0.2rem; }
+.meta { color: #666; font-size: 0.9rem; }
+.science { border: 1px solid #ccd; background: #f7f7fc; padding: 0.6rem 1rem; margin: 1rem 0; }
+.science li { margin: 0.3rem 0; }
+.answer-yes { color: #17752a; font-weight: 600; } .answer-no { color: #b3261e; font-weight: 600; }
+.answer-not { color: #8a6d00; font-weight: 600; }
+.grid { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 1rem; align-items: start; }
+.side { position: sticky; top: 0.5rem; }
+.notes { font-size: 0.9rem; color: #444; }
+table.coverage { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0; }
+table.coverage td, table.coverage th { border: 1px solid #ddd; padding: 2px 6px; text-align: right; }
+#report-errors { color: #b3261e; white-space: pre-wrap; }
+@media (max-width: 1100px) { .grid { grid-template-columns: minmax(0, 1fr); } .side { position: static; } }
+"""
+
+
+def build_report(results_dir: Path, out_dir: Path | None = None, dataset: str | None = None,
+                 arch: str | None = None, recipe: str | None = None) -> Path:
+    """(Re)build the report of a finished or running sweep; returns the path of report.html."""
+    results_dir = Path(results_dir)
+    rows = load_rows(results_dir)
+    return build_report_from_rows(rows, load_curves(results_dir), out_dir or results_dir,
+                                  source=str(results_dir), dataset=dataset, arch=arch, recipe=recipe)
+
+
+def pick_setting(rows: pd.DataFrame, dataset=None, arch=None, recipe=None) -> tuple[pd.DataFrame, list[str]]:
+    """Keep one (dataset, arch, recipe): the one asked for, else the one with most rows.
+    Returns the rows and notes naming what was left out."""
+    wanted = {"dataset": dataset, "arch": arch, "recipe": recipe}
+    for column, value in wanted.items():
+        if value is not None:
+            if value not in set(rows[column]):
+                raise ValueError(f"no rows with {column} {value!r}; the table has {sorted(set(rows[column]))}")
+            rows = rows[rows[column] == value]
+    combos = settings(rows)
+    if len(combos) <= 1:
+        return rows, []
+    chosen = combos[0]
+    keep = (rows[list(SETTING_COLUMNS)].astype(str).agg("|".join, axis=1) == "|".join(chosen))
+    notes = [f"the table holds {len(combos)} settings (dataset, arch, recipe); this report shows "
+             f"{' / '.join(chosen)}; left out: {', '.join(' / '.join(c) for c in combos[1:])} "
+             "(pick one with --dataset/--arch/--recipe)"]
+    return rows[keep], notes
+
+
+def build_figures(rows: pd.DataFrame, curves: pd.DataFrame, paper: pd.DataFrame | None) -> dict[str, go.Figure]:
+    """All five figures, keyed by their file names."""
+    return dict(zip(FIGURE_FILES, (
+        figures.fig_similar(rows, paper), figures.fig_dissimilar(rows, paper),
+        figures.fig_table1(rows, paper), figures.fig_layer_effects(rows), figures.fig_curves(curves, rows))))
+
+
+def build_report_from_rows(rows: pd.DataFrame, curves: pd.DataFrame, out_dir: Path, source: str,
+                           dataset=None, arch=None, recipe=None, paper_overlay: bool = True) -> Path:
+    """Build every output from rows of the results table (already normalised)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, notes = pick_setting(rows, dataset, arch, recipe)
+    rows = with_base(rows)
+    order = {"split_kind": {kind: i for i, kind in enumerate(SPLIT_KINDS)},
+             "treatment": {treatment: i for i, treatment in enumerate(TREATMENTS)}}
+    rows = rows.sort_values(["split_kind", "split_seed", "seed", "treatment", "n", "job_key"], kind="stable",
+                            key=lambda column: column.map(order[column.name]) if column.name in order else column)
+    curves = curves[curves["job_key"].isin(set(rows["job_key"]))]
+    paper = None
+    if paper_overlay:
+        from analysis.paper import paper_rows  # here, so `python -m analysis.paper` imports it once
+
+        paper = with_base(paper_rows())
+
+    figs = build_figures(rows, curves, paper)
+    results_table1 = table1(rows)
+    check = science_check(rows)
+    (out_dir / "table1.json").write_text(json.dumps(results_table1, indent=2) + "\n")
+    (out_dir / "science_check.json").write_text(json.dumps(check, indent=2) + "\n")
+    for name, fig in figs.items():
+        fig.write_html(out_dir / f"{name}.html", include_plotlyjs=True, config=PLOT_CONFIG)
+    notes += missing_notes(rows, curves) + [export_static(figs, out_dir)]
+
+    page = render_page(figs, check, rows, notes, source)
+    path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    log.info("wrote %s (%d networks)", path, len(rows))
+    return path
+
+
+def export_static(figs: dict[str, go.Figure], out_dir: Path) -> str:
+    """PNG and SVG copies where kaleido can run; otherwise a one-line note (never a failure)."""
+    if importlib.util.find_spec("kaleido") is None:
+        return "static PNG/SVG export skipped: kaleido is not installed (pip install kaleido to get them)."
+    try:
+        for name, fig in figs.items():
+            for suffix in ("png", "svg"):
+                fig.write_image(out_dir / f"{name}.{suffix}")
+    except Exception as error:  # kaleido needs a working Chrome; a report must not fail for a picture
+        log.warning("static export failed: %s", error)
+        return f"static PNG/SVG export failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    return "static PNG and SVG copies of each figure written beside this report."
+
+
+def missing_notes(rows: pd.DataFrame, curves: pd.DataFrame) -> list[str]:
+    """What the rows do not yet allow: networks without their base, absent treatments, no curves."""
+    notes = []
+    transfers = rows[~rows["treatment"].isin(BASE_TREATMENTS) & (rows["treatment"] != "scratch")]
+    orphans = transfers[transfers["base_value"].isna()]
+    if len(orphans):
+        notes.append(f"{len(orphans)} networks have no base of their target half in the table (left out of "
+                     f"every comparison with a base), e.g. {', '.join(orphans['job_key'].head(3))}")
+    similar = rows[rows["split_kind"] == "similar"]
+    for treatment, needed_for in (("BnB", "figure 4 co-adaptation / specificity"),
+                                  ("AnB", "figures 1, 2, 4 and the science check"),
+                                  ("AnB+", "Table 1 and the fine-tuning boost"), ("BnB+", "Table 1, AnB+ − BnB+")):
+        if not (similar["treatment"] == treatment).any():
+            notes.append(f"no {treatment} rows on the similar split yet: {needed_for} incomplete")
+    if not (rows["split_kind"] == "dissimilar").any():
+        notes.append("no dissimilar-split rows yet")
+    if not (rows["treatment"] == "random_frozen").any():
+        notes.append("no random_frozen rows yet")
+    no_curves = len(set(rows["job_key"]) - set(curves["job_key"]))
+    if no_curves:
+        notes.append(f"{no_curves} of {len(rows)} jobs have no per-epoch metrics in curves.csv")
+    return notes
+
+
+def coverage_html(rows: pd.DataFrame) -> str:
+    """Networks per (split kind, treatment) and n: what the figures rest on."""
+    if rows.empty:
+        return "<p>No finished jobs in the table yet.</p>"
+    counts = rows.groupby(["split_kind", "treatment", "n"]).size().unstack("n", fill_value=0)
+    header = "".join(f"<th>n={n}</th>" for n in counts.columns)
+    body = "".join(f"<tr><th>{html.escape(kind)}</th><th>{html.escape(treatment)}</th>"
+                   + "".join(f"<td>{v}</td>" for v in values) + "</tr>"
+                   for (kind, treatment), values in zip(counts.index, counts.to_numpy()))
+    return f'<table class="coverage"><tr><th>split</th><th>treatment</th>{header}</tr>{body}</table>'
+
+
+def _answer_class(answer: str) -> str:
+    return {"yes": "answer-yes", "no": "answer-no"}.get(answer, "answer-not")
+
+
+def science_html(check: dict) -> str:
+    items = "".join(
+        f'<li>{html.escape(part["question"])} <span class="{_answer_class(part["answer"])}">'
+        f'{html.escape(part["answer"])}</span><br>{html.escape(part["text"])}</li>' for part in check.values())
+    return (f'<section class="science" id="science-check"><b>Science check</b> (from this table\'s own rows; '
+            f"each network relative to the base of its target half)<ul>{items}</ul></section>")
+
+
+def _div(fig: go.Figure, name: str, post_script: str | None = None) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=name, config=PLOT_CONFIG,
+                       post_script=post_script)
+
+
+def render_page(figs: dict[str, go.Figure], check: dict, rows: pd.DataFrame, notes: list[str], source: str) -> str:
+    """The whole report as one HTML string, plotly.js inlined once."""
+    created = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    note_items = "".join(f"<li>{html.escape(note)}</li>" for note in notes if note)
+    curves_div = _div(figs["fig5_curves"], "fig5_curves", post_script="fillPicker();")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>raytransfer report</title>
+<style>{CSS}</style>
+<script>{ERROR_HOOK}</script>
+<script>window.PlotlyConfig = {{MathJaxConfig: 'local'}};</script>
+<script>{get_plotlyjs()}</script>
+<script>{CURVES_SCRIPT}</script>
+</head><body>
+<h1>How transferable are features? — report</h1>
+<p class="meta">source: {html.escape(source)} · {len(rows)} finished networks · metric: {METRIC} (mean of the 10
+best validation evaluations) · built {html.escape(created)}</p>
+<pre id="report-errors" hidden></pre>
+{science_html(check)}
+<div class="grid">
+  <div>{_div(figs["fig1_similar"], "fig1_similar", CLICK_SCRIPT)}
+       {_div(figs["fig2_dissimilar"], "fig2_dissimilar", CLICK_SCRIPT)}</div>
+  <div class="side"><p class="notes">Click a network in figure 1 or 2 to see its training curves, or pick
+  one: <select id="job-picker"></select> <span id="curves-note"></span></p>{curves_div}</div>
+</div>
+{_div(figs["fig3_table1"], "fig3_table1")}
+{_div(figs["fig4_layer_effects"], "fig4_layer_effects")}
+<section class="notes"><h2>What the rows allow</h2>{coverage_html(rows)}<ul>{note_items}</ul>
+<p>Methods. "Its base": the base network trained on the row's target half with the same split and
+training seed; random_frozen is compared with the base of its own target half. Table 1 pooled: mean of
+all AnB+ networks with n in the range minus the mean of all base networks (resp. all BnB+ networks in the
+range), as the paper did; paired: each network minus its own base, averaged over the networks in the
+range. Figure 4: paired differences; 95% interval = estimate ± t(G − 1) × bootstrap standard error
+(× √(G/(G − 1))) over the G independent units, one unit = one (split kind, split seed, training seed),
+because every network of a unit starts from that unit's bases; 2000 resamples with a fixed seed. A
+percentile interval would be far too narrow with the few units a sweep has. No interval where one unit
+holds all the networks.</p></section>
+</body></html>
+"""
+
+
+def format_table1(values: dict) -> str:
+    """Table 1 as aligned text, in top-1 points, both normalisations."""
+    lines = [f"{'Table 1 (similar split)':<26}{'AnB+ - base':>14}{'AnB+ - BnB+':>14}"]
+    for normalisation in ("pooled", "paired"):
+        for label, cell in values[normalisation].items():
+            fmt = lambda v: "n/a" if v is None else f"{100 * v:+.2f} pts"  # noqa: E731
+            lines.append(f"{normalisation + ', layers ' + label:<26}{fmt(cell['AnB+ - base']):>14}"
+                         f"{fmt(cell['AnB+ - BnB+']):>14}")
+    return "\n".join(lines)

@@ -1,0 +1,223 @@
+"""The numbers behind the report: Table 1, per-layer effects with bootstrap intervals, the science check.
+
+Every function takes the rows of `results.with_base(...)` (one row per network, `rel` = the network
+minus the base trained on its own target half) and returns plain data. Usage:
+`table1(rows)`, `layer_effects(rows)`, `science_check(rows)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pandas as pd
+
+from analysis.results import BASE_TREATMENTS, METRIC, similar_rows
+
+LAYER_RANGES = {"1-7": (1, 7), "3-7": (3, 7), "5-7": (5, 7)}  # the paper's Table 1 rows
+EFFECTS = (  # name, what it is, treatments it rests on
+    ("co-adaptation loss", "base − BnB", ("BnB",)),
+    ("specificity loss", "BnB − AnB", ("BnB", "AnB")),
+    ("fine-tuning boost", "AnB+ − base", ("AnB+",)),
+)
+EFFECT_FROM_MEANS = {  # effect from the mean paired difference (network − its base) of each treatment
+    "co-adaptation loss": lambda means: -means["BnB"],
+    "specificity loss": lambda means: means["BnB"] - means["AnB"],
+    "fine-tuning boost": lambda means: means["AnB+"],
+}
+# The independent unit of the bootstrap: one split (its seed) and one training seed. Every network
+# of a unit shares that unit's bases (transfers start from them), so networks are not independent
+# draws but units are; resampling units keeps the base-to-transfer correlation inside each draw.
+UNIT_COLUMNS = ("split_kind", "split_seed", "seed")
+
+
+def _mean(values) -> float | None:
+    values = pd.Series(values, dtype=float).dropna()
+    return float(values.mean()) if len(values) else None
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def table1(rows: pd.DataFrame) -> dict:
+    """AnB+ − base and AnB+ − BnB+ over layers 1–7, 3–7, 5–7 on the similar split, two ways.
+
+    pooled (as the paper did): mean of all AnB+ networks with n in the range, minus the mean of all
+    base networks (resp. of all BnB+ networks in the range). paired: each network minus the base of
+    its own target half (same split and seed), averaged over the networks in the range; the
+    AnB+ − BnB+ entry is the difference of the two paired averages. Values are fractions; None
+    where the rows are missing."""
+    sim = similar_rows(rows)
+    bases = sim.loc[sim["treatment"].isin(BASE_TREATMENTS), METRIC]
+    result = {"pooled": {}, "paired": {}}
+    for label, (low, high) in LAYER_RANGES.items():
+        in_range = sim["n"].between(low, high)
+        anb_plus = sim[in_range & (sim["treatment"] == "AnB+")]
+        bnb_plus = sim[in_range & (sim["treatment"] == "BnB+")]
+        result["pooled"][label] = {
+            "AnB+ - base": _minus(_mean(anb_plus[METRIC]), _mean(bases)),
+            "AnB+ - BnB+": _minus(_mean(anb_plus[METRIC]), _mean(bnb_plus[METRIC])),
+        }
+        result["paired"][label] = {
+            "AnB+ - base": _mean(anb_plus["rel"]),
+            "AnB+ - BnB+": _minus(_mean(anb_plus["rel"]), _mean(bnb_plus["rel"])),
+        }
+    return result
+
+
+def table1_counts(rows: pd.DataFrame) -> dict:
+    """How many networks each Table 1 row rests on (pooled; paired drops those without a base)."""
+    sim = similar_rows(rows)
+    n_bases = int(sim["treatment"].isin(BASE_TREATMENTS).sum())
+    counts = {}
+    for label, (low, high) in LAYER_RANGES.items():
+        in_range = sim[sim["n"].between(low, high)]
+        counts[label] = {
+            "AnB+": int((in_range["treatment"] == "AnB+").sum()),
+            "BnB+": int((in_range["treatment"] == "BnB+").sum()),
+            "base": n_bases,
+            "AnB+ paired": int(((in_range["treatment"] == "AnB+") & in_range["rel"].notna()).sum()),
+            "BnB+ paired": int(((in_range["treatment"] == "BnB+") & in_range["rel"].notna()).sum()),
+        }
+    return counts
+
+
+def layer_effects(rows: pd.DataFrame, n_boot: int = 2000, confidence: float = 0.95,
+                  rng_seed: int = 0) -> pd.DataFrame:
+    """Per n: co-adaptation loss, specificity loss and fine-tuning boost on the similar split, each
+    from paired differences (network − its base), with a bootstrap interval over units.
+
+    The bootstrap resamples units (split seed × training seed) with replacement and gives the
+    standard error of each estimate; the interval is estimate ± t(G − 1) · √(G / (G − 1)) · SE for
+    G units. A percentile interval is not used: from the 2–4 units a sweep usually has it cannot
+    reach past the unit means and would be far too narrow.
+    Returns columns effect, label, n, estimate, low, high, networks, units; low/high are NaN when
+    fewer than 2 units hold the networks an effect needs (no interval from one unit)."""
+    sim = similar_rows(rows)
+    sim = sim[sim["treatment"].isin(["BnB", "AnB", "AnB+"]) & sim["rel"].notna()]
+    units = sorted({tuple(u) for u in sim[list(UNIT_COLUMNS)].itertuples(index=False)})
+    unit_index = {u: i for i, u in enumerate(units)}
+    sim = sim.assign(_unit=[unit_index[tuple(u)] for u in sim[list(UNIT_COLUMNS)].itertuples(index=False)])
+    rng = np.random.default_rng(rng_seed)
+    # weights[b, g]: how often unit g is drawn in bootstrap sample b
+    weights = rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=n_boot) if units else None
+
+    records = []
+    for n in sorted(sim["n"].unique()):
+        at_n = sim[sim["n"] == n]
+        means, boot, counts, unit_sets = {}, {}, {}, {}
+        for treatment in ("BnB", "AnB", "AnB+"):
+            chosen = at_n[at_n["treatment"] == treatment]
+            sums = np.bincount(chosen["_unit"], weights=chosen["rel"], minlength=len(units))
+            count = np.bincount(chosen["_unit"], minlength=len(units)).astype(float)
+            counts[treatment] = int(count.sum())
+            unit_sets[treatment] = set(np.flatnonzero(count))
+            means[treatment] = sums.sum() / count.sum() if count.sum() else np.nan
+            with np.errstate(invalid="ignore", divide="ignore"):
+                boot[treatment] = (weights @ sums) / (weights @ count)
+        for effect, label, needs in EFFECTS:
+            if any(counts[t] == 0 for t in needs):
+                continue
+            estimate = float(EFFECT_FROM_MEANS[effect](means))
+            units_used = set.union(*(unit_sets[t] for t in needs))
+            low = high = math.nan
+            if len(units_used) >= 2:
+                samples = EFFECT_FROM_MEANS[effect](boot)
+                units_count = len(units_used)
+                standard_error = np.nanstd(samples) * math.sqrt(units_count / (units_count - 1))
+                half_width = t_quantile((1 + confidence) / 2, units_count - 1) * standard_error
+                low, high = estimate - half_width, estimate + half_width
+            records.append({"effect": effect, "label": label, "n": int(n), "estimate": estimate,
+                            "low": low, "high": high, "networks": sum(counts[t] for t in needs),
+                            "units": len(units_used)})
+    return pd.DataFrame(records, columns=["effect", "label", "n", "estimate", "low", "high",
+                                          "networks", "units"])
+
+
+@functools.lru_cache(maxsize=None)
+def t_quantile(probability: float, df: int) -> float:
+    """Quantile of Student's t with df degrees of freedom (0.5 < probability < 1), by integrating
+    its density; numpy only, good to about 1e-4."""
+    log_scale = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float) -> float:
+        grid = np.linspace(0.0, x, 20_001)
+        density = np.exp(log_scale - (df + 1) / 2 * np.log1p(grid**2 / df))
+        return 0.5 + float(np.trapezoid(density, grid))
+
+    low, high = 0.0, 1000.0
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < probability else (low, middle)
+    return (low + high) / 2
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.1f} points"
+
+
+def science_check(rows: pd.DataFrame) -> dict:
+    """Two findings of the paper, checked on the table's own rows (never on the paper's numbers).
+
+    specificity: does AnB on the dissimilar split fall further below its base at n = 7 than on the
+    similar split? random_vs_transfer: are random frozen layers (n ≥ 3) worse than transferred ones,
+    each relative to its own base, at every n and split where both exist?
+    Each answer is "yes", "no" or "not enough rows", with the numbers it rests on."""
+    return {"specificity": _check_specificity(rows), "random_vs_transfer": _check_random(rows)}
+
+
+def _check_specificity(rows: pd.DataFrame) -> dict:
+    anb7 = rows[(rows["treatment"] == "AnB") & (rows["n"] == 7) & rows["rel"].notna()]
+    similar = anb7.loc[anb7["split_kind"] == "similar", "rel"]
+    dissimilar = anb7.loc[anb7["split_kind"] == "dissimilar", "rel"]
+    result = {"question": "Does AnB on the dissimilar split fall further below its base at n = 7 "
+                          "than on the similar split?",
+              "similar_AnB7_minus_base": _mean(similar), "similar_networks": int(len(similar)),
+              "dissimilar_AnB7_minus_base": _mean(dissimilar), "dissimilar_networks": int(len(dissimilar))}
+    if len(similar) == 0 or len(dissimilar) == 0:
+        lacking = [kind for kind, values in (("similar", similar), ("dissimilar", dissimilar)) if len(values) == 0]
+        result["answer"] = "not enough rows"
+        result["text"] = (f"not enough rows: no AnB network at n = 7 with its base on the "
+                          f"{' and '.join(lacking)} split.")
+        return result
+    result["answer"] = "yes" if dissimilar.mean() < similar.mean() else "no"
+    result["text"] = (f"{result['answer']}: AnB at n = 7 relative to its base is "
+                      f"{_points(dissimilar.mean())} on the dissimilar split ({len(dissimilar)} networks) "
+                      f"and {_points(similar.mean())} on the similar split ({len(similar)} networks).")
+    return result
+
+
+def _check_random(rows: pd.DataFrame) -> dict:
+    usable = rows[(rows["n"] >= 3) & rows["rel"].notna()]
+    random_frozen = usable[usable["treatment"] == "random_frozen"]
+    transfers = usable[usable["treatment"] == "AnB"]
+    comparisons = []
+    for n in sorted(random_frozen["n"].unique()):
+        random_rel = random_frozen.loc[random_frozen["n"] == n, "rel"]
+        for kind in sorted(transfers.loc[transfers["n"] == n, "split_kind"].unique()):
+            transfer_rel = transfers.loc[(transfers["n"] == n) & (transfers["split_kind"] == kind), "rel"]
+            comparisons.append({"n": int(n), "split_kind": kind,
+                                "random_frozen_minus_base": float(random_rel.mean()),
+                                "random_frozen_networks": int(len(random_rel)),
+                                "AnB_minus_base": float(transfer_rel.mean()),
+                                "AnB_networks": int(len(transfer_rel)),
+                                "random_below": bool(random_rel.mean() < transfer_rel.mean())})
+    result = {"question": "Is random_frozen at n ≥ 3 below AnB (each relative to its own base)?",
+              "comparisons": comparisons}
+    if not comparisons:
+        lacking = [name for name, frame in (("random_frozen", random_frozen), ("AnB", transfers)) if frame.empty]
+        result["answer"] = "not enough rows"
+        result["text"] = ("not enough rows: no n ≥ 3 with both random_frozen and AnB networks and their bases"
+                          + (f" (none of {', '.join(lacking)})." if lacking else "."))
+        return result
+    below = [c for c in comparisons if c["random_below"]]
+    result["answer"] = "yes" if len(below) == len(comparisons) else "no"
+    detail = "; ".join(
+        f"n = {n}: random {_points(group[0]['random_frozen_minus_base'])} vs AnB "
+        + ", ".join(f"{_points(c['AnB_minus_base'])} ({c['split_kind']})" for c in group)
+        for n, group in ((n, [c for c in comparisons if c["n"] == n]) for n in sorted({c["n"] for c in comparisons})))
+    result["text"] = (f"{result['answer']}: random frozen layers are below transferred ones in "
+                      f"{len(below)} of {len(comparisons)} comparisons ({detail}).")
+    return result

@@ -1,0 +1,101 @@
+"""The `raytransfer` command: prepare | split | layers | report (the sweep is `sweeps/full_paper.py`).
+
+    raytransfer prepare synthetic --out data/synthetic
+    raytransfer prepare imagenet /data/ILSVRC2012 --out /mnt/betons/imagenet --resolution 256
+    raytransfer split imagenet-1k --kind similar --seed 0 --out split.json
+    raytransfer layers caffenet
+    raytransfer report RESULTS_DIR
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def add_prepare_args(p: argparse.ArgumentParser):
+    p.add_argument("source", choices=["synthetic", "imagenet", "folder"],
+                   help="the built-in synthetic dataset, ILSVRC2012, or any class-folder tree with train/ and val/")
+    p.add_argument("path", nargs="?", type=Path, help="dataset folder (imagenet, folder)")
+    p.add_argument("--out", type=Path, required=True, help="folder for train.beton, val.beton, manifest.json")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="stored side in px, images squashed square as in the paper (default 256; synthetic: native)")
+    p.add_argument("--format", choices=["jpg", "raw"], default="jpg", help="JPEG (smaller) or raw pixels (faster to load)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.add_argument("--val-labels", type=Path, help="ImageNet flat val/: LOC_val_solution.csv (found automatically nearby)")
+    p.add_argument("--synthetic-seed", type=int, default=0, help="synthetic: seed of the class hierarchy and images")
+    p.add_argument("--synthetic-train-per-class", type=int, default=None, help="synthetic: training images per class")
+    p.add_argument("--workers", type=int, default=None, help="writer processes (default: all cores)")
+    p.add_argument("--force", action="store_true", help="overwrite betons of other settings in --out")
+
+
+def run_prepare(args) -> int:
+    from dataclasses import replace
+
+    from .prepare import prepare
+    from .synthetic import SyntheticSpec
+
+    spec = SyntheticSpec(seed=args.synthetic_seed)
+    if args.synthetic_train_per_class:
+        spec = replace(spec, train_per_class=args.synthetic_train_per_class)
+    resolution = args.resolution if args.resolution or args.source == "synthetic" else 256
+    m = prepare(args.source, args.path, args.out, resolution=resolution, format=args.format, quality=args.quality,
+                synthetic=spec, val_labels=args.val_labels, workers=args.workers, force=args.force)
+    counts = {s: c["images"] for s, c in m["counts"].items()}
+    corrupt = {s: c["corrupt"] for s, c in m["counts"].items() if c["corrupt"]}
+    print(f"{args.out}: {m['name']}, {len(m['classes'])} classes, images {counts}"
+          + (f", corrupt images skipped {corrupt}" if corrupt else "") + f", fingerprint {m['fingerprint'][:12]}")
+    return 0
+
+
+def add_layers_args(p: argparse.ArgumentParser):
+    p.add_argument("arch", help="caffenet or resnet18")
+    p.add_argument("--num-classes", type=int, default=500, help="head size (a half of ImageNet: 500)")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--resolution", type=int, default=None)
+
+
+def run_layers(args) -> int:
+    from .models import build_model, describe_layers
+
+    print(describe_layers(build_model(args.arch, args.num_classes, width=args.width, resolution=args.resolution)))
+    return 0
+
+
+def add_report_args(p: argparse.ArgumentParser):
+    p.add_argument("results_dir", type=Path, help="an experiment folder holding results.csv")
+    p.add_argument("--out", type=Path, default=None, help="where to write the report (default: the results folder)")
+
+
+def run_report(args) -> int:
+    from analysis import build_report
+
+    print(build_report(args.results_dir, args.out))
+    return 0
+
+
+def main(argv=None) -> int:
+    from . import splits
+
+    parser = argparse.ArgumentParser(prog="raytransfer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {
+        "prepare": (add_prepare_args, run_prepare, "write a dataset's betons and manifest"),
+        "split": (splits.add_split_arguments, splits.run_split, "make a class split manifest"),
+        "layers": (add_layers_args, run_layers, "print an architecture's table of transferable layers"),
+        "report": (add_report_args, run_report, "(re)build the interactive report of a results folder"),
+    }
+    for name, (add_args, _, help_text) in commands.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return commands[args.command][1](args)
+    except ValueError as e:            # DatasetError, SplitError, bad settings: one clear line
+        print(f"raytransfer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""FFCV loaders of one half: the dataset's beton with `indices` = the half's samples.
+
+Labels are remapped to 0..k-1 in sorted class order (the paper's convention) through a lookup
+table applied after the loader; images are normalised with the dataset's channel statistics (on
+the GPU when there is one, inside FFCV's numba stage on the CPU). Under DDP each rank reads its own
+share of the training samples (FFCV's `distributed=True`) and a disjoint slice of the validation
+samples (no padding, so every image counts once).
+
+    loaders = build_half_loaders("data/synthetic", half_ids, crop=CropSpec("paper", 32),
+                                 batch_size=128, device=torch.device("cpu"), seed=0)
+    for images, labels in loaders.train: ...
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_THREADING_LAYER", "tbb")   # workqueue aborts with two live loaders (notes/ffcv.md 3.5)
+
+import numpy as np
+import torch
+
+from .prepare import CORRUPT_LABEL, DatasetError, label_column, read_manifest, verify_betons
+
+log = logging.getLogger(__name__)
+
+CROPS = ("paper", "rrc")
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """Train-time crop. 'paper': a random `size` square of the stored image (227 of 256) + mirror,
+    exact pixels, no resampling; 'rrc': random-resized-crop to `size` + mirror (the fast recipe).
+    Validation always takes the centre `size` square."""
+    kind: str = "paper"
+    size: int = 227
+    rrc_min_scale: float = 0.25
+
+
+def half_indices(labels: np.ndarray, half_labels) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ids of the half's classes and the label lookup table (original label -> 0..k-1)."""
+    half_labels = np.sort(np.asarray(half_labels, dtype=np.int64))
+    ids = np.flatnonzero(np.isin(labels, half_labels))
+    lut = np.full(max(int(labels.max()), int(half_labels.max())) + 1, -1, dtype=np.int64)
+    lut[half_labels] = np.arange(len(half_labels))
+    return ids, lut
+
+
+class HalfLoader:
+    """Iterates (images float NCHW on `device`, labels 0..k-1): FFCV underneath, pitfalls handled.
+
+    - a loader thread that dies raises here instead of blocking forever (notes/ffcv.md 3.2);
+    - leaving an epoch early closes FFCV's iterator (3.3);
+    - labels are remapped on the device; yielded tensors are FFCV's ring buffers: clone to keep (3.4).
+    """
+
+    def __init__(self, loader, lut: np.ndarray, device: torch.device, mean=None, std=None, num_samples=0):
+        self.loader, self.device = loader, device
+        self.lut = torch.as_tensor(lut, device=device)
+        self.mean = None if mean is None else torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = None if std is None else torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.num_samples = num_samples
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        it = iter(self.loader)
+        try:
+            while True:
+                batch = _next_batch(it)
+                if batch is None:
+                    return
+                images, labels = batch
+                labels = self.lut[labels.to(self.device).view(-1).long()]
+                if self.mean is not None:           # GPU path: uint8 -> float, normalised on the device
+                    images = (images.float() - self.mean) / self.std
+                yield images, labels
+        finally:
+            it.close()
+
+
+def _next_batch(it, poll_s: float = 2.0):
+    """EpochIterator.__next__ with a watchdog: FFCV's thread may die without posting anything."""
+    while True:
+        try:
+            result = it.output_queue.get(timeout=poll_s)
+            break
+        except queue.Empty:
+            if not it.is_alive():
+                raise RuntimeError("the FFCV loader thread died (its traceback is printed above): "
+                                   "check the pipeline on a few batches") from None
+    if result is None:
+        return None
+    slot, result = result
+    if torch.cuda.is_available() and it.cuda_streams[slot] is not None:
+        it.current_stream.wait_stream(it.cuda_streams[slot])
+    return result
+
+
+@dataclass
+class HalfLoaders:
+    train: HalfLoader
+    val: HalfLoader
+    num_classes: int
+    class_ids: list
+
+
+def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batch_size: int,
+                       device: torch.device, seed: int, num_workers: int = 1, distributed: bool = False,
+                       val_batch_size: int | None = None, expect_fingerprint: str | None = None,
+                       batches_ahead: int = 2) -> HalfLoaders:
+    """Train and val loaders over the half's classes of a prepared dataset folder."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    verify_betons(data_dir, manifest)
+    if expect_fingerprint and manifest["fingerprint"] != expect_fingerprint:
+        raise DatasetError(f"{data_dir} now holds a different dataset (fingerprint {manifest['fingerprint'][:12]}, "
+                           f"the job expects {expect_fingerprint[:12]}): it was re-prepared with other settings; "
+                           "prepare into a new folder or rerun the sweep on this one")
+    stored = manifest["settings"]["resolution"]
+    label_of = {c["id"]: c["index"] for c in manifest["classes"]}
+    unknown = [c for c in half_class_ids if c not in label_of]
+    if unknown:
+        raise DatasetError(f"the split names {len(unknown)} classes that {data_dir} does not have (e.g. {unknown[:3]}): "
+                           "make the split from this dataset's manifest")
+    half_labels = sorted(label_of[c] for c in half_class_ids)
+    if crop.size > stored:
+        raise DatasetError(f"crop {crop.size} px is larger than the stored {stored} px images of {data_dir}: "
+                           f"prepare with --resolution >= {crop.size} or use a smaller crop")
+    world, rank = 1, 0
+    if distributed:
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    loaders = {}
+    for split in ("train", "val"):
+        beton = data_dir / manifest["betons"][split]["file"]
+        labels = label_column(beton)
+        ids, lut = half_indices(labels, half_labels)
+        ids = ids[labels[ids] != CORRUPT_LABEL]
+        if split == "val" and world > 1:
+            ids = ids[rank::world]              # disjoint shards, no sampler padding
+        loaders[split] = _ffcv_loader(beton, ids, lut, split == "train", crop, stored, manifest,
+                                      batch_size if split == "train" else (val_batch_size or batch_size),
+                                      device, seed, num_workers, distributed and split == "train", batches_ahead)
+    return HalfLoaders(loaders["train"], loaders["val"], len(half_labels), [c for c in sorted(half_class_ids)])
+
+
+def _ffcv_loader(beton, ids, lut, train, crop, stored, manifest, batch_size, device, seed, num_workers,
+                 distributed, batches_ahead) -> HalfLoader:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+    size = crop.size
+    if train and crop.kind == "paper":      # exact random `size` slice of the stored square (Caffe's crop)
+        decoder = RandomResizedCropRGBImageDecoder((size, size), scale=((size / stored) ** 2,) * 2, ratio=(1.0, 1.0))
+    elif train and crop.kind == "rrc":
+        decoder = RandomResizedCropRGBImageDecoder((size, size), scale=(crop.rrc_min_scale, 1.0))
+    elif train:
+        raise ValueError(f"unknown crop {crop.kind!r}; expected one of {', '.join(CROPS)}")
+    else:
+        decoder = CenterCropRGBImageDecoder((size, size), ratio=size / stored)
+    image = [decoder] + ([RandomHorizontalFlip()] if train else [])
+    mean, std = np.array(manifest["mean"]), np.array(manifest["std"])
+    on_gpu = device.type == "cuda"
+    if on_gpu:                              # JIT ops, then torch ops only (notes/ffcv.md 3.1)
+        image += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
+    else:
+        image += [NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
+    label = [IntDecoder(), ToTensor(), Squeeze()] + ([ToDevice(device, non_blocking=True)] if on_gpu else [])
+    order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
+    loader = Loader(str(beton), batch_size=batch_size, num_workers=num_workers, order=order, seed=seed,
+                    indices=ids, distributed=distributed, drop_last=train, os_cache=True,
+                    batches_ahead=batches_ahead, pipelines={"image": image, "label": label})
+    return HalfLoader(loader, lut, device, mean if on_gpu else None, std if on_gpu else None, len(ids))

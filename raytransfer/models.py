@@ -1,0 +1,209 @@
+"""The networks and their tables of transferable layers.
+
+Every architecture declares its ordered table of transferable layers; "copy n layers" means its
+first n entries, never the first n modules. CaffeNet is the paper's 8-layer net (conv1..fc8);
+ResNet-18 (stem, eight residual blocks, fc) proves the table, not CaffeNet, is the abstraction.
+
+    model = build_model("caffenet", num_classes=500)            # the paper's net at 227 px
+    model = build_model("caffenet", num_classes=20, width=0.125, resolution=32)   # demo scale
+    for layer in model.layer_table(): print(layer.name, layer.parameter_names())
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+ARCHITECTURES = ("caffenet", "resnet18")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One transferable unit: a name and the modules whose parameters and buffers it owns."""
+    name: str
+    modules: tuple[nn.Module, ...]
+    prefixes: tuple[str, ...]          # state_dict prefixes of those modules, e.g. ("conv1.",)
+
+    def parameters(self):
+        for m in self.modules:
+            yield from m.parameters()
+
+    def parameter_names(self) -> list[str]:
+        return [p + n for p, m in zip(self.prefixes, self.modules) for n, _ in m.named_parameters()]
+
+    def state_keys(self, state_dict) -> list[str]:
+        return [k for k in state_dict if k.startswith(self.prefixes)]
+
+
+class TransferableNet(nn.Module):
+    """Base of every architecture: a layer table, and frozen layers that stay in eval mode.
+
+    `frozen_layers` holds the names of layers whose parameters are frozen; their batch-norm
+    statistics are frozen too, so `train()` leaves those modules in eval mode.
+    """
+    frozen_layers: tuple[str, ...] = ()
+
+    def layer_specs(self) -> list[tuple[str, tuple[str, ...]]]:
+        raise NotImplementedError
+
+    def layer_table(self) -> list[Layer]:
+        table = []
+        for name, prefixes in self.layer_specs():
+            modules = tuple(self.get_submodule(p) for p in prefixes)
+            table.append(Layer(name, modules, tuple(p + "." for p in prefixes)))
+        return table
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.frozen_layers:
+            for layer in self.layer_table():
+                if layer.name in self.frozen_layers:
+                    for m in layer.modules:
+                        m.eval()
+        return self
+
+
+class CrossChannelLRN(nn.Module):
+    """Caffe/AlexNet local response norm across channels, as a banded 1x1 convolution of x^2.
+
+    Same result as nn.LocalResponseNorm(size, alpha, beta, k) (k=1 is Caffe's convention) but
+    about 2x faster on small CPU nets (measured in ../shared/notes/synthetic.md).
+    """
+
+    def __init__(self, channels: int, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
+        super().__init__()
+        idx = torch.arange(channels)
+        lo, hi = size // 2, (size - 1) // 2          # nn.LocalResponseNorm's window: c-lo .. c+hi
+        band = ((idx[None, :] >= idx[:, None] - lo) & (idx[None, :] <= idx[:, None] + hi)).float()
+        self.register_buffer("band", band.view(channels, channels, 1, 1) * (alpha / size), persistent=False)
+        self.beta, self.k = beta, k
+
+    def forward(self, x):
+        return x / (self.k + F.conv2d(x * x, self.band.to(x.dtype))).pow(self.beta)
+
+
+def _geometry(resolution: int):
+    """conv1 (kernel, stride, pad) and the pool size for a given input resolution."""
+    if resolution >= 160:
+        return (11, 4, 0), 3          # the paper's 227 px stem: 227 -> 55 -> 27 -> 13 -> 6
+    return (5, 1, 2), 3               # small images (32-64 px): 32 -> 32 -> 15 -> 7 -> 3
+
+
+class CaffeNet(TransferableNet):
+    """The paper's network (CaffeNet variant of AlexNet), pooling before LRN, groups of 2 in conv2/4/5.
+
+    `width` scales every layer's channels (fc6/fc7 by `fc_width` if given); `resolution` picks the
+    stem so the same 8 named layers run at 227 px (paper) or 32-64 px (demo on a CPU).
+    """
+
+    LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
+    def __init__(self, num_classes: int, width: float = 1.0, resolution: int = 227,
+                 fc_width: float | None = None, init: str = "paper", dropout: float = 0.5):
+        super().__init__()
+        c = [max(2, 2 * round(w * width / 2)) for w in (96, 256, 384, 384, 256)]
+        fc = max(8, round(4096 * (fc_width if fc_width is not None else width)))
+        (k1, s1, p1), pool = _geometry(resolution)
+        self.resolution = resolution
+        self.conv1 = nn.Conv2d(3, c[0], k1, s1, p1)
+        self.norm1 = CrossChannelLRN(c[0])
+        self.conv2 = nn.Conv2d(c[0], c[1], 5, 1, 2, groups=2)
+        self.norm2 = CrossChannelLRN(c[1])
+        self.conv3 = nn.Conv2d(c[1], c[2], 3, 1, 1)
+        self.conv4 = nn.Conv2d(c[2], c[3], 3, 1, 1, groups=2)
+        self.conv5 = nn.Conv2d(c[3], c[4], 3, 1, 1, groups=2)
+        self.pool = nn.MaxPool2d(pool, 2)
+        side = resolution
+        side = (side + 2 * p1 - k1) // s1 + 1
+        for _ in range(3):
+            side = (side - pool) // 2 + 1
+        self.fc6 = nn.Linear(c[4] * side * side, fc)
+        self.fc7 = nn.Linear(fc, fc)
+        self.fc8 = nn.Linear(fc, num_classes)
+        self.drop6, self.drop7 = nn.Dropout(dropout), nn.Dropout(dropout)   # paper: 0.5
+        init_caffenet(self, init)
+
+    def layer_specs(self):
+        return [(name, (name,)) for name in self.LAYERS]
+
+    def forward(self, x):
+        x = self.norm1(self.pool(F.relu(self.conv1(x))))     # paper: pool before LRN
+        x = self.norm2(self.pool(F.relu(self.conv2(x))))
+        x = F.relu(self.conv3(x))
+        x = F.relu(self.conv4(x))
+        x = self.pool(F.relu(self.conv5(x))).flatten(1)
+        x = self.drop6(F.relu(self.fc6(x)))                    # dropout stays on even when fc6 is frozen
+        x = self.drop7(F.relu(self.fc7(x)))
+        return self.fc8(x)
+
+
+# paper: weights N(0, 0.01) (fc6/fc7 N(0, 0.005)); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0
+PAPER_INIT = {"conv1": (0.01, 0.0), "conv2": (0.01, 1.0), "conv3": (0.01, 0.0), "conv4": (0.01, 1.0),
+              "conv5": (0.01, 1.0), "fc6": (0.005, 1.0), "fc7": (0.005, 1.0), "fc8": (0.01, 0.0)}
+
+
+def init_caffenet(model: CaffeNet, init: str = "paper", layers=CaffeNet.LAYERS):
+    """Initialise the named layers. 'paper' is Caffe's scheme; 'kaiming' suits narrow demo nets,
+    whose small fan-in makes the paper's fixed std vanish (He normal, biases 0.1 where paper has 1).
+    """
+    if init not in ("paper", "kaiming"):
+        raise ValueError(f"unknown init {init!r}; expected 'paper' or 'kaiming'")
+    for name in layers:
+        m = getattr(model, name)
+        std, bias = PAPER_INIT[name]
+        if init == "kaiming":
+            fan_in = m.weight[0].numel()
+            gain = 1.0 if name == "fc8" else math.sqrt(2.0)
+            std, bias = gain / math.sqrt(fan_in), (0.1 if bias else 0.0)
+        nn.init.normal_(m.weight, 0.0, std)
+        nn.init.constant_(m.bias, bias)
+
+
+class ResNet18(TransferableNet, torchvision.models.ResNet):
+    """torchvision's ResNet-18 with a layer table: stem, then each residual block, then fc.
+
+    Below 64 px the stem is a 3x3 stride-1 conv without max-pool (the CIFAR convention).
+    """
+
+    def __init__(self, num_classes: int, width: float = 1.0, resolution: int = 224, init: str = "kaiming"):
+        torchvision.models.ResNet.__init__(self, torchvision.models.resnet.BasicBlock, [2, 2, 2, 2],
+                                           num_classes=num_classes)
+        self.resolution = resolution
+        if width != 1.0:
+            raise ValueError("resnet18 supports width=1.0 only; use caffenet for width-scaled nets")
+        if resolution < 64:
+            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+
+    def layer_specs(self):
+        blocks = [(f"layer{i}.{j}", (f"layer{i}.{j}",)) for i in range(1, 5) for j in range(2)]
+        return [("stem", ("conv1", "bn1"))] + blocks + [("fc", ("fc",))]
+
+
+def build_model(arch: str, num_classes: int, width: float = 1.0, resolution: int | None = None,
+                fc_width: float | None = None, init: str | None = None, dropout: float = 0.5) -> TransferableNet:
+    """The one constructor used by transfer surgery, the loop and the CLI."""
+    if arch == "caffenet":
+        return CaffeNet(num_classes, width=width, resolution=resolution or 227, fc_width=fc_width,
+                        init=init or "paper", dropout=dropout)
+    if arch == "resnet18":
+        return ResNet18(num_classes, width=width, resolution=resolution or 224)
+    raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+
+
+def describe_layers(model: TransferableNet) -> str:
+    """The table `raytransfer layers ARCH` prints: index, name, parameter names and shapes."""
+    params = dict(model.named_parameters())
+    lines = [f"{'#':>2}  {'layer':<10} {'parameters':<42} shape"]
+    for i, layer in enumerate(model.layer_table(), 1):
+        for j, pname in enumerate(layer.parameter_names()):
+            shape = "x".join(str(s) for s in params[pname].shape)
+            lines.append(f"{i if j == 0 else '':>2}  {layer.name if j == 0 else '':<10} {pname:<42} {shape}")
+    total = sum(p.numel() for p in model.parameters())
+    lines.append(f"{len(model.layer_table())} transferable layers, {total:,} parameters")
+    return "\n".join(lines)

@@ -1,0 +1,354 @@
+"""Datasets to FFCV betons: `train.beton`, `val.beton` and `manifest.json`, once per dataset and settings.
+
+Sources: ImageNet ILSVRC2012 as people have it (`train/<wnid>/*.JPEG`; `val/` in class folders or
+flat with Kaggle's `LOC_val_solution.csv`), any class-folder tree with `train/` and `val/`, or the
+built-in synthetic dataset. One beton per split for the whole dataset: a half is read through the
+loader's `indices`, never copied.
+
+    manifest = prepare("synthetic", None, Path("data/synthetic"))
+    manifest = prepare("imagenet", Path("/data/ILSVRC2012"), Path("/mnt/betons/imagenet"), resolution=256)
+
+A beton is written as `*.beton.partial` and renamed when complete; the manifest is written last,
+with the betons' sizes, so a half-written or replaced beton never passes as finished. Corrupt images
+are written as a 1-pixel placeholder with label -1 (never selected by any half) and counted.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .synthetic import FAMILIES, SyntheticImages, SyntheticSpec
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("synthetic", "imagenet", "folder")
+FORMATS = ("jpg", "raw")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+CORRUPT_LABEL = -1
+MANIFEST = "manifest.json"
+
+
+class DatasetError(ValueError):
+    """Bad dataset input: the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class BetonSettings:
+    """How images are stored. resolution: side of the stored square (the paper squashed to 256);
+    None keeps the synthetic images' native size. format: 'jpg' (quality) or 'raw' pixels."""
+    resolution: int | None = 256
+    format: str = "jpg"
+    quality: int = 90
+
+    def check(self):
+        if self.format not in FORMATS:
+            raise DatasetError(f"unknown beton format {self.format!r}; expected one of {', '.join(FORMATS)}")
+        if self.resolution is not None and not 8 <= self.resolution <= 2048:
+            raise DatasetError(f"stored resolution {self.resolution} is outside 8..2048 px")
+        if not 1 <= self.quality <= 100:
+            raise DatasetError(f"JPEG quality {self.quality} is outside 1..100")
+
+    def to_dict(self):
+        return {"resolution": self.resolution, "format": self.format, "quality": self.quality}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: each returns (classes, {"train": [(path, label)], "val": [...]}) with classes sorted by id.
+
+def discover_folder(root: Path):
+    """A class-folder tree: root/train/<class>/*.jpg and root/val/<class>/*.jpg."""
+    root = _existing_dir(root)
+    train_dir, val_dir = root / "train", root / "val"
+    if not train_dir.is_dir():
+        raise DatasetError(f"{root} has no train/ folder: expected {root}/train/<class>/<image> and {root}/val/<class>/<image>")
+    if not val_dir.is_dir():
+        raise DatasetError(f"{root} has train/ but no val/: the paper's metric is top-1 on held-out images; "
+                           f"add {root}/val/<class>/<image> (same class folders as train/)")
+    ids = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    if len(ids) < 2:
+        raise DatasetError(f"{train_dir} holds {len(ids)} class folders; a split needs at least 2")
+    classes = [{"id": c, "name": c, "superclass": None} for c in ids]
+    samples = {"train": _class_folder_samples(train_dir, ids), "val": _class_folder_samples(val_dir, ids)}
+    return classes, samples
+
+
+def discover_imagenet(root: Path, val_labels: Path | None = None):
+    """ILSVRC2012: train/<wnid>/*.JPEG; val/<wnid>/*.JPEG, or flat val/*.JPEG + LOC_val_solution.csv."""
+    from .splits import builtin_classes
+
+    root = _existing_dir(root)
+    if not (root / "train").is_dir():
+        raise DatasetError(f"{root} has no train/ folder: point at the folder holding ILSVRC2012's train/ and val/ "
+                           "(for Kaggle's layout: ILSVRC/Data/CLS-LOC)")
+    wnids = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    known = {c["id"]: c for c in builtin_classes("imagenet-1k")}
+    unknown = [w for w in wnids if w not in known]
+    if unknown:
+        raise DatasetError(f"{len(unknown)} train folders are not ILSVRC2012 wnids (e.g. {unknown[:3]}); "
+                           "use `raytransfer prepare folder` for other class-folder trees")
+    classes = [dict(known[w]) for w in wnids]
+    samples = {"train": _class_folder_samples(root / "train", wnids)}
+    val_dir = root / "val"
+    if not val_dir.is_dir():
+        raise DatasetError(f"{root} has train/ but no val/: put ILSVRC2012's validation images in {val_dir}")
+    if any(d.is_dir() for d in val_dir.iterdir()):
+        samples["val"] = _class_folder_samples(val_dir, wnids)
+    else:
+        samples["val"] = _flat_val_samples(val_dir, wnids, val_labels or _find_val_labels(root))
+    return classes, samples
+
+
+def _existing_dir(root) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist (or is not a folder): check the path")
+    return root
+
+
+def _class_folder_samples(split_dir: Path, ids: list[str]):
+    out = []
+    for label, cid in enumerate(ids):
+        d = split_dir / cid
+        files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) if d.is_dir() else []
+        if not files:
+            raise DatasetError(f"class folder {d} is {'empty' if d.is_dir() else 'missing'}: every class needs "
+                               f"images in {split_dir.name}/ (remove the class from train/ or add its images)")
+        out += [(str(f), label) for f in files]
+    return out
+
+
+def _find_val_labels(root: Path) -> Path:
+    for d in [root, *list(root.parents)[:4]]:
+        f = d / "LOC_val_solution.csv"
+        if f.is_file():
+            return f
+    raise DatasetError(f"{root}/val is flat but no LOC_val_solution.csv was found in {root} or its parents: "
+                       "pass --val-labels FILE, or sort val/ into class folders")
+
+
+def _flat_val_samples(val_dir: Path, wnids: list[str], labels_file: Path):
+    label_of = {w: i for i, w in enumerate(wnids)}
+    wnid_of = {}
+    with open(labels_file, newline="") as f:
+        for row in csv.DictReader(f):
+            wnid_of[row["ImageId"]] = row["PredictionString"].split()[0]
+    out = []
+    for img in sorted(val_dir.iterdir()):
+        if img.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        w = wnid_of.get(img.stem)
+        if w is None:
+            raise DatasetError(f"{img.name} is not listed in {labels_file}: wrong labels file?")
+        if w in label_of:                  # a val image of a class absent from train/ is left out
+            out.append((str(img), label_of[w]))
+    if not out:
+        raise DatasetError(f"no images of the train/ classes found in {val_dir}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Indexed datasets that FFCV's DatasetWriter reads in its worker processes.
+
+class ImageFiles:
+    """Files to (HxWx3 uint8, label); a file PIL cannot decode becomes a placeholder with label -1."""
+
+    def __init__(self, samples, resolution: int | None):
+        self.samples, self.resolution = samples, resolution
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if self.resolution:
+                    im = im.resize((self.resolution, self.resolution), Image.BILINEAR)   # paper: squashed to 256x256
+                return np.asarray(im, dtype=np.uint8), label
+        except Exception:                       # truncated or corrupt: skipped by every loader, counted
+            return np.zeros((1, 1, 3), dtype=np.uint8), CORRUPT_LABEL
+
+
+class ResizedSynthetic:
+    def __init__(self, spec: SyntheticSpec, split: str, resolution: int | None):
+        self.images, self.resolution = SyntheticImages(spec, split), resolution
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img, label = self.images[i]
+        if self.resolution and self.resolution != img.shape[0]:
+            img = np.asarray(Image.fromarray(img).resize((self.resolution,) * 2, Image.BILINEAR))
+        return img, label
+
+
+# ---------------------------------------------------------------------------------------------
+
+def prepare(source: str, path: Path | None, out: Path, resolution: int | None = 256, format: str = "jpg",
+            quality: int = 90, synthetic: SyntheticSpec | None = None, val_labels: Path | None = None,
+            workers: int | None = None, force: bool = False) -> dict:
+    """Write the betons and manifest of one dataset into `out`; nothing to do if already done."""
+    out = Path(out)
+    spec = synthetic or SyntheticSpec()
+    if source == "synthetic" and resolution is None:
+        resolution = spec.size                   # store the synthetic images at their native size
+    settings = BetonSettings(resolution, format, quality)
+    settings.check()
+    if source == "synthetic":
+        classes = spec.classes()
+        datasets = {s: ResizedSynthetic(spec, s, resolution) for s in ("train", "val")}
+        identity = {"synthetic": spec.to_dict()}
+        name, superclass_order = "synthetic", list(FAMILIES)
+    elif source in ("imagenet", "folder"):
+        if path is None:
+            raise DatasetError(f"`prepare {source}` needs the dataset folder")
+        classes, samples = discover_imagenet(path, val_labels) if source == "imagenet" else discover_folder(path)
+        datasets = {s: ImageFiles(samples[s], resolution) for s in ("train", "val")}
+        identity = {s: _listing_digest(Path(path), samples[s]) for s in ("train", "val")}
+        name = "imagenet-1k" if source == "imagenet" and len(classes) == 1000 else Path(path).resolve().name
+        superclass_order = ["man-made", "natural"] if source == "imagenet" else None
+    else:
+        raise DatasetError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+    for i, c in enumerate(classes):
+        c["index"] = i
+    fingerprint = _sha256({"source": source, "identity": identity, "classes": [c["id"] for c in classes],
+                           "settings": settings.to_dict(), "layout": 1})
+
+    existing = read_manifest(out, missing_ok=True)
+    if existing is not None:
+        if existing["fingerprint"] == fingerprint:
+            verify_betons(out, existing)
+            log.info("%s is up to date (fingerprint %s): nothing to do", out, fingerprint[:12])
+            return existing
+        if not force:
+            raise DatasetError(f"{out} already holds betons of another dataset or other settings "
+                               f"({_describe(existing)}); pass --force to overwrite them, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)          # from here on the folder is not finished
+    workers = workers or len(os.sched_getaffinity(0))
+    _check_free_space(out, sum(len(d) for d in datasets.values()), settings)
+    t0 = time.time()
+    stats = {}
+    for split, ds in datasets.items():
+        stats[split] = _write_beton(ds, out / f"{split}.beton", settings, workers)
+    mean, std = _channel_stats(datasets["train"])
+    manifest = {
+        "name": name, "source": source, "classes": classes, "superclass_order": superclass_order,
+        "settings": settings.to_dict(), "identity": identity, "fingerprint": fingerprint,
+        "counts": {s: {"images": st["images"], "corrupt": st["corrupt"], "per_class": st["per_class"]}
+                   for s, st in stats.items()},
+        "corrupt_files": {s: [datasets[s].samples[i][0] for i in st["corrupt_ids"]]
+                          for s, st in stats.items() if hasattr(datasets[s], "samples")},
+        "betons": {s: {"file": f"{s}.beton", "bytes": (out / f"{s}.beton").stat().st_size} for s in stats},
+        "mean": mean, "std": std, "write_s": round(time.time() - t0, 2),
+    }
+    for split, st in stats.items():
+        empty = [classes[k]["id"] for k, n in enumerate(st["per_class"]) if n == 0]
+        if empty:
+            raise DatasetError(f"every {split} image of class(es) {empty[:5]} is corrupt: fix or remove them, then rerun")
+    _atomic_write_json(out / MANIFEST, manifest)
+    log.info("wrote %s in %.1f s: %s", out, manifest["write_s"], _describe(manifest))
+    return manifest
+
+
+def read_manifest(data_dir: Path, missing_ok: bool = False) -> dict | None:
+    """The manifest of a prepared dataset folder (None if absent and missing_ok)."""
+    f = Path(data_dir) / MANIFEST
+    if not f.is_file():
+        if missing_ok:
+            return None
+        hint = (f"run `raytransfer prepare ... --out {data_dir}` first" if Path(data_dir).is_dir()
+                else "check the path, or run `raytransfer prepare` to create it")
+        raise DatasetError(f"{data_dir} is not a prepared dataset (no {MANIFEST}): {hint}")
+    return json.loads(f.read_text())
+
+
+def verify_betons(data_dir: Path, manifest: dict):
+    """The betons named in the manifest exist with the sizes written there (not partial, not replaced)."""
+    for split, b in manifest["betons"].items():
+        f = Path(data_dir) / b["file"]
+        if not f.is_file() or f.stat().st_size != b["bytes"]:
+            raise DatasetError(f"{f} is missing or differs from the one its manifest describes "
+                               f"(expected {b['bytes']} bytes): rerun `raytransfer prepare` with --force")
+
+
+def _write_beton(ds, path: Path, settings: BetonSettings, workers: int) -> dict:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.reader import Reader
+    from ffcv.writer import DatasetWriter
+
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+    image_field = RGBImageField(write_mode=settings.format, jpeg_quality=settings.quality,
+                                max_resolution=settings.resolution)
+    writer = DatasetWriter(str(partial), {"image": image_field, "label": IntField()}, num_workers=workers)
+    writer.from_indexed_dataset(ds, chunksize=max(16, min(256, len(ds) // (4 * workers) or 16)))
+    labels = label_column(partial)
+    os.replace(partial, path)
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    good = labels[labels != CORRUPT_LABEL]
+    return {"images": int(len(good)), "corrupt": int((labels == CORRUPT_LABEL).sum()),
+            "corrupt_ids": np.flatnonzero(labels == CORRUPT_LABEL).tolist(),
+            "per_class": np.bincount(good, minlength=n_classes).tolist()}
+
+
+def label_column(beton) -> np.ndarray:
+    """The label of every sample, read from the beton's metadata only (no image is decoded)."""
+    from ffcv.reader import Reader
+
+    r = Reader(str(beton))
+    return np.asarray(r.metadata[f"f{r.field_names.index('label')}"]).astype(np.int64)
+
+
+def _channel_stats(ds, k: int = 512):
+    """Per-channel mean/std (0..255 scale) from an even sample of training images."""
+    idx = np.linspace(0, len(ds) - 1, min(k, len(ds))).astype(int)
+    pix = [ds[i][0].reshape(-1, 3) for i in idx]
+    pix = np.concatenate([p for p, i in zip(pix, idx) if p.shape[0] > 1]).astype(np.float64)
+    return pix.mean(0).round(3).tolist(), pix.std(0).round(3).tolist()
+
+
+def _check_free_space(out: Path, n_images: int, settings: BetonSettings):
+    side = settings.resolution or 64
+    per_image = side * side * 3 * (1.0 if settings.format == "raw" else 0.15)
+    need = int(n_images * per_image * 1.1) + (64 << 20)
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise DatasetError(f"{out} has {free / 2**30:.1f} GiB free; the betons need about {need / 2**30:.1f} GiB: "
+                           "free space or choose another --out")
+
+
+def _listing_digest(root: Path, samples) -> str:
+    h = hashlib.sha256()
+    for p, label in samples:
+        h.update(f"{os.path.relpath(p, root)}\t{os.path.getsize(p)}\t{label}\n".encode())
+    return h.hexdigest()
+
+
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _atomic_write_json(path: Path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _describe(m: dict) -> str:
+    n = {s: c["images"] for s, c in m.get("counts", {}).items()}
+    return (f"{m.get('name')}: {len(m.get('classes', []))} classes, {n}, settings {m.get('settings')}, "
+            f"fingerprint {m.get('fingerprint', '')[:12]}")

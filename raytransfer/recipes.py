@@ -1,0 +1,112 @@
+"""Training recipes: the paper's solver, a fast GPU recipe, and CPU-sized demo/smoke recipes.
+
+A recipe is everything about *how* a net is trained (network scale, crop, optimiser, schedule,
+precision); it is part of every job's key and every result row. Schedules are expressed as
+fractions of the run, so a shorter budget keeps the paper's shape.
+
+    recipe = get_recipe("paper")
+    lr = recipe.lr_at(step, total_steps)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    # network
+    arch: str = "caffenet"
+    width: float = 1.0                 # channel multiplier (1.0 = the paper's net)
+    fc_width: float | None = None      # fc6/fc7 multiplier; defaults to width
+    init: str = "paper"                # 'paper' (Caffe's N(0, 0.01)...) or 'kaiming'
+    dropout: float = 0.5               # on fc6/fc7 (paper: 0.5, kept on when those layers are frozen)
+    head: str = "half"                 # 'half': N-way head for a half's N classes; 'paper': 1000-way (unused logits stay)
+    # data
+    crop: str = "paper"                # 'paper': random crop of the stored square + mirror; 'rrc'
+    crop_size: int = 227
+    # optimiser (paper: SGD momentum 0.9, wd 5e-4, lr 0.01 at batch 256; biases lr x2, no decay)
+    batch_size: int = 256              # global, over all workers
+    lr: float = 0.01                   # at `batch_size`
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    bias_lr_mult: float = 2.0
+    copied_lr_mult: float = 1.0        # fine-tuned copied layers; paper: 1 (full lr, full schedule)
+    label_smoothing: float = 0.0
+    # schedule
+    iterations: int | None = None      # fixed number of steps (paper: 450k) ...
+    epochs: float | None = None        # ... or a number of passes over the target half
+    schedule: str = "step"             # 'step': x gamma at `milestones`; 'cosine'
+    milestones: tuple = (100 / 450, 200 / 450, 300 / 450, 400 / 450)   # paper: 100k..400k of 450k
+    gamma: float = 0.1
+    warmup_fraction: float = 0.0
+    evals_per_epoch: int = 1           # validation passes per epoch (top1_best10 = mean of the 10 best)
+    # speed
+    bf16: bool = False                 # autocast on CUDA
+    channels_last: bool = False
+    compile: bool = False
+    loader_workers: int = 8            # FFCV threads per worker (capped by the worker's CPUs)
+
+    def total_steps(self, train_samples: int) -> int:
+        if self.iterations:
+            return self.iterations
+        return max(1, int(math.ceil(self.epochs * (train_samples // self.batch_size))))
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Learning rate at `step` of `total` (pure function; warm-up then step or cosine decay)."""
+        frac = step / max(1, total)
+        if self.warmup_fraction and frac < self.warmup_fraction:
+            return self.lr * (frac / self.warmup_fraction)
+        if self.schedule == "step":
+            return self.lr * self.gamma ** sum(frac >= m for m in self.milestones)
+        if self.schedule == "cosine":
+            w = self.warmup_fraction
+            return self.lr * 0.5 * (1 + math.cos(math.pi * (frac - w) / max(1e-9, 1 - w)))
+        raise ValueError(f"unknown schedule {self.schedule!r}; expected 'step' or 'cosine'")
+
+    def arch_kwargs(self, resolution: int | None = None) -> dict:
+        kw = {"width": self.width, "resolution": resolution or self.crop_size}
+        if self.arch == "caffenet":
+            kw.update(fc_width=self.fc_width, init=self.init, dropout=self.dropout)
+        return kw
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["milestones"] = list(d["milestones"])
+        return d
+
+
+RECIPES = {
+    # The paper: 450k iterations at batch 256 (~179 epochs of a 645k-image half), x0.1 every 100k.
+    "paper": Recipe("paper", iterations=450_000),
+    # Same net, bf16 + channels_last + torch.compile on CUDA, batch 1024 with linear lr scaling and
+    # warm-up, label smoothing, random-resized crops, a cosine schedule over 30 epochs.
+    "fast": Recipe("fast", crop="rrc", batch_size=1024, lr=0.04, epochs=30, schedule="cosine",
+                   warmup_fraction=0.05, label_smoothing=0.1, bf16=True, channels_last=True, compile=True,
+                   loader_workers=16),
+    # CPU-sized: the same 8 named layers at 1/8 width on 32 px crops of the synthetic dataset.
+    "demo": Recipe("demo", width=0.125, fc_width=0.0625, init="kaiming", crop_size=32, batch_size=64,
+                   lr=0.02, epochs=10, milestones=(0.6, 0.85), evals_per_epoch=2, channels_last=True,
+                   loader_workers=1),
+    # For tests and trying things out: the demo net, a few epochs.
+    "smoke": Recipe("smoke", width=0.125, fc_width=0.0625, init="kaiming", crop_size=32, batch_size=64,
+                    lr=0.02, epochs=3, milestones=(0.7,), evals_per_epoch=2, channels_last=True,
+                    loader_workers=1),
+}
+
+
+def get_recipe(name: str, **overrides) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
+    recipe = RECIPES[name]
+    unknown = set(overrides) - set(recipe.to_dict())
+    if unknown:
+        raise ValueError(f"unknown recipe field(s) {sorted(unknown)}; known: {', '.join(recipe.to_dict())}")
+    return replace(recipe, **overrides)
+
+
+def recipe_from_dict(d: dict) -> Recipe:
+    d = dict(d)
+    d["milestones"] = tuple(d.get("milestones", ()))
+    return Recipe(**d)

@@ -1,0 +1,74 @@
+"""One trial from its spec: network surgery, half loaders, the loop, the frozen check.
+
+The same function runs in a Tune trial's own process (tiny CPU trials) and inside each Ray Train
+worker (DDP); the host supplies the device, the base weights, a `report` callback and, on a
+restart, the last checkpoint state.
+
+    summary = run_trial(spec, torch.device("cpu"), base_state=None)
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .loaders import CropSpec, build_half_loaders
+from .loop import fit, unwrap
+from .prepare import read_manifest
+from .recipes import recipe_from_dict
+from .transfer import build_trial_network, frozen_state, init_seed_for, verify_frozen
+
+log = logging.getLogger(__name__)
+
+# treatment -> transfer mode (the paper's names are values)
+MODE_OF = {"baseA": "scratch", "baseB": "scratch", "scratch": "scratch", "AnB": "frozen", "BnB": "frozen",
+           "AnB+": "finetune", "BnB+": "finetune", "random_frozen": "random_frozen"}
+
+
+def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, report=None,
+              resume_state: dict | None = None, distributed: bool = False, wrap_model=None,
+              num_workers: int = 1) -> dict:
+    """Train the trial's network on its target half; returns metrics and the final weights."""
+    t0 = time.time()
+    recipe = recipe_from_dict(spec["recipe"])
+    treatment, n, seed = spec["treatment"], int(spec["n"]), int(spec["seed"])
+    mode = MODE_OF[treatment]
+    manifest = read_manifest(spec["data_dir"])
+    num_classes = len(manifest["classes"]) if recipe.head == "paper" else len(spec["target_classes"])
+    stream = "base" if treatment in ("baseA", "baseB") else "fresh"    # scratch and transfers share one init stream
+    net = build_trial_network(recipe.arch, num_classes, base_state, n, mode, init_seed_for(seed, stream),
+                              recipe.arch_kwargs())
+    reference = None
+    if mode == "frozen":
+        reference = {k: v for k, v in frozen_state(net).items()}
+        reference = {k: torch.as_tensor(base_state[k]) for k in reference}      # the base's own tensors
+    elif mode == "random_frozen":
+        reference = frozen_state(net)
+    if recipe.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    net = net.to(device)
+    model = wrap_model(net) if wrap_model else net
+    if recipe.compile and device.type == "cuda":
+        model = torch.compile(model)
+    loaders = build_half_loaders(spec["data_dir"], spec["target_classes"], CropSpec(recipe.crop, recipe.crop_size),
+                                 batch_size=recipe.batch_size // (torch.distributed.get_world_size() if distributed else 1),
+                                 device=device, seed=seed, num_workers=num_workers, distributed=distributed,
+                                 expect_fingerprint=spec.get("dataset_fingerprint"))
+    copied = [l.name for l in unwrap(net).layer_table()[:n]] if mode == "finetune" else ()
+    speeds = []
+
+    def on_epoch(metrics, state):
+        speeds.append(metrics["images_per_s"])
+        if report is not None:
+            report(metrics, state)
+
+    summary = fit(model, recipe, loaders, device, state=resume_state, report=on_epoch, copied_layers=copied)
+    check = verify_frozen(unwrap(net), reference) if reference is not None else None
+    if check is not None and not check["ok"]:
+        log.error("frozen layers changed during training: %s", check["mismatched"][:5])
+    summary.update(frozen_check=None if check is None else check["ok"],
+                   train_images_per_s=sum(speeds) / len(speeds) if speeds else float("nan"),
+                   wall_s=time.time() - t0, num_classes=num_classes)
+    summary["state_dict"] = {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()}
+    return summary
