@@ -1,0 +1,252 @@
+"""The sweep driver: one `Tuner.fit()` over a grid of jobs, bases shared, finished jobs skipped.
+
+A sweep file (sweeps/full_paper.py) defines its grid as Ray Tune `grid_search` axes and calls
+`main(GRID)`. The driver: [1] checks every input before anything trains, [2] prepares the dataset
+and builds the jobs and their keys, [3] starts (or joins) Ray and the weights registry, [4] runs one
+Tuner with the dependency searcher (or restores it with --resume), [5] writes the results table and
+the report into the experiment folder.
+
+    python sweeps/full_paper.py --dry-run
+    python sweeps/full_paper.py --scale smoke --out /tmp/smoke
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..recipes import get_recipe
+from ..synthetic import SyntheticSpec
+from .jobs import DIRECTIONS, MAX_N, SPLIT_KINDS, TREATMENTS, Dataset, Job, build_jobs, expand_axes
+from .results import write_results
+from .store import JobStore
+
+log = logging.getLogger("raytransfer.sweep")
+
+
+@dataclass(frozen=True)
+class Scale:
+    recipe: str
+    synthetic: SyntheticSpec | None        # the built-in dataset at this scale (None: needs --data)
+    split_seeds: tuple = (0,)
+
+
+SCALES = {
+    "smoke": Scale("smoke", SyntheticSpec(superclasses_per_family=2, classes_per_superclass=3, train_per_class=60,
+                                          val_per_class=20)),
+    "demo": Scale("demo", SyntheticSpec()),
+    "paper": Scale("paper", None, (0, 1, 2, 3)),
+    "fast": Scale("fast", None, (0, 1, 2, 3)),
+}
+
+
+class SweepError(ValueError):
+    """Bad input to the sweep: named, with the fix, raised before anything trains."""
+
+
+def add_sweep_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("grid (override the sweep file's axes)")
+    g.add_argument("--splits", help=f"comma list of {', '.join(SPLIT_KINDS)}")
+    g.add_argument("--seeds", help="similar-split seeds, e.g. 0,1,2,3 (the paper's four random halves)")
+    g.add_argument("--train-seeds", help="training seeds (initialisation and data order), e.g. 0,1,2")
+    g.add_argument("--n", help="layers copied, e.g. 1-7 or 1,3,5")
+    g.add_argument("--treatments", help=f"comma list of {', '.join(TREATMENTS)}")
+    g.add_argument("--directions", choices=sorted(DIRECTIONS), help="AtoB: target B; BtoA: target A; both")
+    p.add_argument("--scale", default="demo", help=f"one of {', '.join(SCALES)} (recipe and built-in data size)")
+    p.add_argument("--data", type=Path, help="a prepared dataset folder (raytransfer prepare); default: built-in synthetic")
+    p.add_argument("--out", type=Path, help="experiment folder for results and report (default results/<sweep>-<scale>)")
+    p.add_argument("--storage", help="where the job store, checkpoints and Tune state live: a path or s3://... (default: --out)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per worker (fractions allowed for small nets)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train DDP workers per trial")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per worker (FFCV loader threads)")
+    p.add_argument("--host", choices=["auto", "process", "train"], default="auto",
+                   help="run the loop in the trial's process (tiny CPU trials) or under Ray Train (auto: train if GPUs or >1 worker)")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (from its last checkpoint)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard (local Ray)")
+    p.add_argument("--no-report", action="store_true", help="skip building report.html at the end")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --out/--storage")
+    p.add_argument("--dry-run", action="store_true", help="print the job table and an estimate; train nothing")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    out = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                out += list(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise SweepError(f"--{what} {text!r} is not a list of integers (e.g. 1-7 or 1,3,5)") from None
+    return out
+
+
+def _names(text: str, allowed, what: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in allowed]
+    if bad or not names:
+        raise SweepError(f"unknown {what} {bad[0] if bad else text!r}; expected one of {', '.join(allowed)}")
+    return names
+
+
+def apply_overrides(grid: dict, args) -> dict:
+    """The sweep file's axes with the command line's subsets, each checked."""
+    from ray import tune
+
+    grid = dict(grid)
+    if args.splits:
+        grid["split"] = tune.grid_search(_names(args.splits, SPLIT_KINDS, "split kind"))
+    if args.seeds:
+        grid["split_seed"] = tune.grid_search(_ints(args.seeds, "seeds"))
+    if args.train_seeds:
+        grid["seed"] = tune.grid_search(_ints(args.train_seeds, "train-seeds"))
+    if args.n:
+        ns = _ints(args.n, "n")
+        bad = [n for n in ns if not 1 <= n <= MAX_N]
+        if bad:
+            raise SweepError(f"--n {bad[0]} is outside 1..{MAX_N} (n = layers copied, conv1..fc7)")
+        grid["n"] = tune.grid_search(ns)
+    if args.treatments:
+        grid["treatment"] = tune.grid_search(_names(args.treatments, TREATMENTS, "treatment"))
+    if args.directions:
+        grid["target"] = tune.grid_search(list(DIRECTIONS[args.directions]))
+    return grid
+
+
+def resolve_dataset(args, scale: Scale, cache: Path) -> Dataset:
+    """The prepared dataset: --data, or the built-in synthetic one (prepared once per machine)."""
+    from ..prepare import DatasetError, prepare, read_manifest
+
+    if args.data is not None:
+        if not args.data.exists():
+            raise SweepError(f"--data {args.data} does not exist: check the path")
+        try:
+            manifest = read_manifest(args.data)
+        except DatasetError as e:
+            raise SweepError(str(e)) from None
+        data_dir = args.data
+    elif scale.synthetic is None:
+        raise SweepError(f"--scale {args.scale} trains the paper's net at 227 px: give --data, a prepared ImageNet "
+                         "(raytransfer prepare imagenet ... --out DIR)")
+    else:
+        spec = scale.synthetic
+        digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        data_dir = cache / f"synthetic-{digest}"
+        manifest = prepare("synthetic", None, data_dir, resolution=None, synthetic=spec)
+    return Dataset(str(Path(data_dir).resolve()), manifest["name"], manifest["fingerprint"], manifest["classes"],
+                   manifest.get("superclass_order"))
+
+
+def print_job_table(jobs: list[Job], done: dict, out=sys.stdout):
+    print(f"{'job':<58} {'status':<7} depends on", file=out)
+    for j in jobs:
+        print(f"{j.key:<58} {'done' if j.key in done else 'to run':<7} {j.base_key or '-'}", file=out)
+    d = sum(j.key in done for j in jobs)
+    print(f"{len(jobs)} jobs, {d} done, {len(jobs) - d} to run", file=out)
+
+
+def grid_digest(jobs) -> str:
+    return hashlib.sha256("\n".join(sorted(j.key for j in jobs)).encode()).hexdigest()[:10]
+
+
+def main(grid: dict, argv=None, name: str = "sweep") -> int:
+    parser = argparse.ArgumentParser(prog=f"{name}.py", description=(sys.modules["__main__"].__doc__ or "").split("\n")[0])
+    add_sweep_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return run(grid, args, name)
+    except (SweepError, ValueError) as e:
+        print(f"{name}.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(grid: dict, args, name: str) -> int:
+    # [1] check the inputs that need no cluster
+    if args.scale not in SCALES:
+        raise SweepError(f"unknown scale {args.scale!r}; expected one of {', '.join(SCALES)}")
+    scale = SCALES[args.scale]
+    if "split_seed" not in grid:                    # the paper's 4 random splits at paper scale, one at demo scale
+        from ray import tune
+        grid = {**grid, "split_seed": tune.grid_search(list(scale.split_seeds))}
+    grid = apply_overrides(grid, args)
+    out = (args.out or Path("results") / f"{name}-{args.scale}").resolve()
+    storage = args.storage or str(out)
+    if args.gpus_per_trial < 0 or args.workers_per_trial < 1 or args.cpus_per_trial <= 0:
+        raise SweepError("--gpus-per-trial must be >= 0, --workers-per-trial >= 1 and --cpus-per-trial > 0")
+    store = JobStore(storage)
+    store.check_writable()
+    # [2] the dataset, the jobs and their keys
+    recipe = get_recipe(scale.recipe)
+    dataset = resolve_dataset(args, scale, Path(os.environ.get("RAYTRANSFER_CACHE", "~/.cache/raytransfer")).expanduser())
+    jobs, splits = build_jobs(expand_axes(grid), dataset, recipe)
+    done = {k: r for k, r in store.completed().items()}
+    if args.dry_run:
+        print_job_table(jobs, done)
+        from .estimate import print_estimate
+        print_estimate(jobs, done, recipe, dataset)
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    for sid, split in splits.items():
+        split.save(out / "splits" / f"{sid}.json")
+    exp_name = f"tune-{grid_digest(jobs)}"
+    _check_resume(args, storage, exp_name)
+    # [3] Ray, resources, the registry
+    from .tuning import fit_sweep
+
+    t0 = time.time()
+    fit_sweep(jobs, done, store, storage, exp_name, args)
+    # [4] the table and the report
+    records = store.completed(refresh=True)
+    for k, r in records.items():
+        r.setdefault("dataset", dataset.name)
+    table = write_results(out, jobs, records)
+    missing = [j.key for j in jobs if j.key not in records]
+    print(f"[sweep] {len(table)}/{len(jobs)} jobs done in {time.time() - t0:.0f} s; results: {out / 'results.csv'}")
+    if missing:
+        print(f"[sweep] {len(missing)} job(s) not done (rerun the same command to retry them): {', '.join(missing[:5])}")
+    if not args.no_report and len(table):
+        from analysis import build_report
+        print(f"[sweep] report: {build_report(out)}")
+    return 0 if not missing else 1
+
+
+def _check_resume(args, storage: str, exp_name: str):
+    from ray.tune import Tuner
+
+    exp_path = f"{storage.rstrip('/')}/{exp_name}"
+    if args.resume and not Tuner.can_restore(exp_path):
+        others = _tune_experiments(storage)
+        hint = (f"the experiment(s) there belong to a different grid ({', '.join(others)}): rerun with the same "
+                "grid flags, or drop --resume (finished jobs are skipped anyway)") if others else \
+            "drop --resume to start it (finished jobs in the job store are skipped anyway)"
+        raise SweepError(f"--resume: no interrupted sweep of this grid at {exp_path}; {hint}")
+
+
+def _tune_experiments(storage: str) -> list[str]:
+    if "://" in storage:
+        return []
+    p = Path(storage)
+    return sorted(d.name for d in p.glob("tune-*") if (d / "tuner.pkl").exists()) if p.is_dir() else []
+
+
+def check_address(address: str | None):
+    """An unreachable Ray address fails now, with a clear message, not after a long timeout."""
+    if not address or address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port or 6379)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise SweepError(f"Ray address {address} is unreachable ({e}): start the cluster (ray up / ray start --head) "
+                         "or fix --address") from None

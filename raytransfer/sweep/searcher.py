@@ -1,0 +1,90 @@
+"""The dependency-aware Searcher: releases a job the moment everything it depends on is done.
+
+Tune calls `suggest()` about every 0.1 s; it returns a job's config when one is ready, None while
+jobs wait for their bases, and FINISHED once every job is handed out or the rest can never run
+(their base failed for good) -- never hanging `Tuner.fit()`. "Done" is seeded from the durable job
+store, so finished jobs are never handed out again; state survives `Tuner.restore` (save/restore).
+
+    searcher = DependencySearcher(jobs, done=store.completed())
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+
+from ray.tune.search import Searcher
+
+log = logging.getLogger(__name__)
+
+
+class DependencySearcher(Searcher):
+    def __init__(self, jobs, done: dict | None = None, metric: str = "val_top1", mode: str = "max"):
+        super().__init__(metric=metric, mode=mode)
+        self.jobs = {j.key: {"deps": list(j.deps), "config": {"job_key": j.key, "treatment": j.treatment, "n": j.n,
+                                                              "split": f"{j.split_kind}{j.split_seed}",
+                                                              "target": j.target_half, "spec": j.spec}}
+                     for j in jobs}
+        self.order = [j.key for j in jobs]
+        self.done = {k: v for k, v in (done or {}).items() if k in self.jobs}   # key -> weights URI
+        self.issued, self.trial_to_key, self.failed = {}, {}, {}
+        self.blocked_reason = None
+
+    def suggest(self, trial_id: str):
+        waiting = False
+        for key in self.order:
+            if key in self.done or key in self.issued:
+                continue
+            deps = self.jobs[key]["deps"]
+            if all(d in self.done for d in deps):
+                self.issued[key] = trial_id
+                self.trial_to_key[trial_id] = key
+                return {**self.jobs[key]["config"], "base_uris": {d: self.done[d] for d in deps}}
+            if not any(self._dead(d) for d in deps):
+                waiting = True
+        if waiting:
+            return None                                   # a base is still running
+        blocked = [k for k in self.order if k not in self.done and k not in self.issued]
+        if blocked and self.blocked_reason is None:
+            dead = sorted({d for k in blocked for d in self.jobs[k]["deps"] if self._dead(d)})
+            self.blocked_reason = (f"{len(blocked)} job(s) cannot run because their base failed: "
+                                   + ", ".join(f"{d} ({self.failed.get(d, 'failed')})" for d in dead))
+            log.error(self.blocked_reason)
+        return Searcher.FINISHED
+
+    def _dead(self, key) -> bool:
+        """A dependency that failed for good, or one that can never run itself."""
+        if key in self.failed:
+            return True
+        if key in self.done or key in self.issued:
+            return False
+        return any(self._dead(d) for d in self.jobs.get(key, {}).get("deps", []))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        key = self.trial_to_key.get(trial_id) or (result or {}).get("config/job_key")
+        if key is None:
+            return
+        if error or not result or not result.get("weights_uri"):
+            self.failed[key] = "error" if error else "no weights reported"
+        else:
+            self.done[key] = result["weights_uri"]
+            self.failed.pop(key, None)
+
+    # Tune snapshots this with the experiment and calls restore() on Tuner.restore.
+    def get_state(self) -> dict:
+        return {k: getattr(self, k) for k in ("jobs", "order", "done", "issued", "trial_to_key", "failed",
+                                              "blocked_reason")}
+
+    def set_state(self, state: dict):
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str):
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str):
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))
+
+    def status(self) -> dict:
+        return {"total": len(self.order), "done": len(self.done), "issued": len(self.issued),
+                "failed": len(self.failed)}

@@ -1,0 +1,117 @@
+"""The durable job store: one record and one weights file per finished job, under the storage path.
+
+It is the truth. Tune's experiment state, the searcher's state and the object store are caches; a
+rerun of the same or an extended grid (on the same storage, local or s3://) skips every job that
+has a record. A record is written only after its weights, so a record always points at weights.
+
+    store = JobStore("s3://bucket/raytransfer")
+    store.save_weights(key, state_dict); store.write(key, record)
+    done = store.completed()                 # {key: record}
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+
+import pyarrow.fs
+import torch
+
+RECORDS, WEIGHTS = "jobs", "weights"
+
+
+def _split_uri(uri: str):
+    """(filesystem, path) for a local path or a URI such as s3://bucket/prefix."""
+    if "://" not in uri:
+        uri = os.path.abspath(os.path.expanduser(uri))
+        return pyarrow.fs.LocalFileSystem(), uri
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+class JobStore:
+    def __init__(self, storage: str):
+        if "://" not in storage:
+            storage = os.path.abspath(os.path.expanduser(storage))
+        self.storage = storage.rstrip("/")
+        self.root_uri = f"{self.storage}/jobstore"
+        self.fs, self.root = _split_uri(self.root_uri)
+        self._cache: dict | None = None
+
+    def check_writable(self):
+        """Fail before any training if the storage cannot be written: one clear message."""
+        probe = f"{self.root}/.write-test-{os.getpid()}"
+        try:
+            self.fs.create_dir(f"{self.root}/{RECORDS}", recursive=True)
+            with self.fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            self.fs.delete_file(probe)
+        except Exception as e:
+            raise ValueError(f"storage {self.storage} is not writable ({type(e).__name__}: {e}): "
+                             "choose another --storage, or fix its permissions/credentials") from None
+
+    def weights_uri(self, key: str) -> str:
+        return f"{self.root_uri}/{WEIGHTS}/{key}"
+
+    def save_weights(self, key: str, state_dict: dict) -> str:
+        buf = io.BytesIO()
+        torch.save({"model": {k: v.detach().cpu() for k, v in state_dict.items()}}, buf)
+        d = f"{self.root}/{WEIGHTS}/{key}"
+        self.fs.create_dir(d, recursive=True)
+        self._atomic_write(f"{d}/state.pt", buf.getvalue())
+        return self.weights_uri(key)
+
+    def write(self, key: str, record: dict):
+        record = {**record, "job_key": key, "recorded_at": time.time()}
+        self._atomic_write(f"{self.root}/{RECORDS}/{key}.json", json.dumps(record, default=str).encode())
+        if self._cache is not None:
+            self._cache[key] = record
+
+    def read(self, key: str) -> dict | None:
+        try:
+            with self.fs.open_input_stream(f"{self.root}/{RECORDS}/{key}.json") as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, OSError):
+            return None
+
+    def completed(self, refresh: bool = False) -> dict[str, dict]:
+        """Every finished job's record, by key (one listing; cached until refresh)."""
+        if self._cache is None or refresh:
+            self._cache = {}
+            sel = pyarrow.fs.FileSelector(f"{self.root}/{RECORDS}", allow_not_found=True)
+            for info in self.fs.get_file_info(sel):
+                if info.path.endswith(".json"):
+                    key = os.path.basename(info.path)[:-5]
+                    rec = self.read(key)
+                    if rec is not None:
+                        self._cache[key] = rec
+        return dict(self._cache)
+
+    def forget(self, key: str):
+        """Drop a job's record (e.g. its weights are corrupt): the next sweep retrains that job alone."""
+        try:
+            self.fs.delete_file(f"{self.root}/{RECORDS}/{key}.json")
+        except (FileNotFoundError, OSError):
+            pass
+        if self._cache is not None:
+            self._cache.pop(key, None)
+
+    def _atomic_write(self, path: str, data: bytes):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, path)          # a rename on local disks; S3 puts are atomic anyway
+
+
+def load_weights(uri: str) -> dict:
+    """The state_dict a finished job left at `uri` (loaded with weights_only=True)."""
+    fs, path = _split_uri(uri)
+    try:
+        with fs.open_input_stream(f"{path}/state.pt") as f:
+            return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)["model"]
+    except Exception as e:
+        raise CorruptWeights(f"weights at {uri} cannot be read ({type(e).__name__}: {e})") from e
+
+
+class CorruptWeights(RuntimeError):
+    pass
