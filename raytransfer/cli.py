@@ -39,8 +39,7 @@ def run_prepare(args) -> int:
     spec = SyntheticSpec(seed=args.synthetic_seed)
     if args.synthetic_train_per_class:
         spec = replace(spec, train_per_class=args.synthetic_train_per_class)
-    resolution = args.resolution if args.resolution or args.source == "synthetic" else 256
-    m = prepare(args.source, args.path, args.out, resolution=resolution, format=args.format, quality=args.quality,
+    m = prepare(args.source, args.path, args.out, resolution=args.resolution, format=args.format, quality=args.quality,
                 synthetic=spec, val_labels=args.val_labels, workers=args.workers, force=args.force)
     counts = {s: c["images"] for s, c in m["counts"].items()}
     corrupt = {s: c["corrupt"] for s, c in m["counts"].items() if c["corrupt"]}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,18 +58,29 @@ class HalfLoader:
     - labels are remapped on the device; yielded tensors are FFCV's ring buffers: clone to keep (3.4).
     """
 
-    def __init__(self, loader, lut: np.ndarray, device: torch.device, mean=None, std=None, num_samples=0):
-        self.loader, self.device = loader, device
+    def __init__(self, loader, ids, lut: np.ndarray, device: torch.device, mean=None, std=None, make=None):
+        self.loader, self.ids, self.device, self._make = loader, np.asarray(ids), device, make
         self.lut = torch.as_tensor(lut, device=device)
         self.mean = None if mean is None else torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = None if std is None else torch.tensor(std, device=device).view(1, 3, 1, 1)
-        self.num_samples = num_samples
+        self.num_samples = len(ids)
+
+    def _claim(self):
+        """Point the (possibly shared, cached) FFCV Loader at this half's samples."""
+        owner = getattr(self.loader, "_raytransfer_owner", None)
+        if owner is not None and owner is not self:          # another half is mid-epoch on it: use our own
+            self.loader = self._make()
+        elif not np.array_equal(self.loader.indices, self.ids):
+            retarget(self.loader, self.ids)
+        return self.loader
 
     def __len__(self):
-        return len(self.loader)
+        return len(self._claim())
 
     def __iter__(self):
-        it = iter(self.loader)
+        loader = self._claim()
+        loader._raytransfer_owner = self
+        it = iter(loader)
         try:
             while True:
                 batch = _next_batch(it)
@@ -80,7 +92,9 @@ class HalfLoader:
                     images = (images.float() - self.mean) / self.std
                 yield images, labels
         finally:
-            it.close()
+            loader._raytransfer_owner = None
+            it.close()              # stop FFCV's thread and wait for it, so no epoch runs on (3.3)
+            it.join(timeout=60)
 
 
 def _next_batch(it, poll_s: float = 2.0):
@@ -127,7 +141,14 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
     if unknown:
         raise DatasetError(f"the split names {len(unknown)} classes that {data_dir} does not have (e.g. {unknown[:3]}): "
                            "make the split from this dataset's manifest")
+    twice = sorted(c for c, n in Counter(half_class_ids).items() if n > 1)
+    if not half_class_ids or twice:
+        raise DatasetError(f"a half must name distinct classes, at least one; got {len(half_class_ids)} "
+                           f"(named twice: {twice[:3]}): make the split with `raytransfer split`")
     half_labels = sorted(label_of[c] for c in half_class_ids)
+    if stored is None:
+        raise DatasetError(f"{data_dir} was prepared without a stored resolution (images of any size); the loaders "
+                           "crop squares of a fixed-size image: prepare it again with --resolution (the paper: 256)")
     if crop.size > stored:
         raise DatasetError(f"crop {crop.size} px is larger than the stored {stored} px images of {data_dir}: "
                            f"prepare with --resolution >= {crop.size} or use a smaller crop")
@@ -163,7 +184,7 @@ def _ffcv_loader(beton, ids, lut, train, crop, stored, manifest, batch_size, dev
     elif train:
         raise ValueError(f"unknown crop {crop.kind!r}; expected one of {', '.join(CROPS)}")
     else:
-        decoder = CenterCropRGBImageDecoder((size, size), ratio=size / stored)
+        decoder = CenterCropRGBImageDecoder((size, size), ratio=(size + 0.5) / stored)   # int(ratio*stored) == size
     image = [decoder] + ([RandomHorizontalFlip()] if train else [])
     mean, std = np.array(manifest["mean"]), np.array(manifest["std"])
     on_gpu = device.type == "cuda"
@@ -173,7 +194,28 @@ def _ffcv_loader(beton, ids, lut, train, crop, stored, manifest, batch_size, dev
         image += [NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
     label = [IntDecoder(), ToTensor(), Squeeze()] + ([ToDevice(device, non_blocking=True)] if on_gpu else [])
     order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
-    loader = Loader(str(beton), batch_size=batch_size, num_workers=num_workers, order=order, seed=seed,
-                    indices=ids, distributed=distributed, drop_last=train, os_cache=True,
-                    batches_ahead=batches_ahead, pipelines={"image": image, "label": label})
-    return HalfLoader(loader, lut, device, mean if on_gpu else None, std if on_gpu else None, len(ids))
+    def make():
+        return Loader(str(beton), batch_size=batch_size, num_workers=num_workers, order=order, seed=seed,
+                      indices=ids, distributed=distributed, drop_last=train, os_cache=True,
+                      batches_ahead=batches_ahead, pipelines={"image": image, "label": label})
+
+    key = (str(beton), os.path.getmtime(beton), train, crop, stored, batch_size, str(device), seed, num_workers,
+           distributed, batches_ahead, tuple(mean), tuple(std))
+    loader = _LOADERS.get(key)
+    if loader is None:
+        loader = _LOADERS[key] = make()
+    loader.next_epoch = 0
+    return HalfLoader(loader, ids, lut, device, mean if on_gpu else None, std if on_gpu else None, make)
+
+
+# FFCV JIT-compiles every Loader's pipeline (seconds each). Trials that run in a reused process (Tune's
+# reuse_actors) build the same pipelines again and again: keep one Loader per pipeline; each HalfLoader
+# points it at its own samples when it starts an epoch (or builds its own if another half is mid-epoch).
+_LOADERS: dict = {}
+
+
+def retarget(loader, ids):
+    """Point a compiled FFCV Loader at other sample ids (another half); its epoch counter is kept."""
+    loader.indices = np.asarray(ids)
+    loader.traversal_order = type(loader.traversal_order)(loader)     # rebuilds the DDP sampler too
+    loader.first_traversal_order = loader.next_traversal_order()

@@ -90,7 +90,7 @@ def _geometry(resolution: int):
     """conv1 (kernel, stride, pad) and the pool size for a given input resolution."""
     if resolution >= 160:
         return (11, 4, 0), 3          # the paper's 227 px stem: 227 -> 55 -> 27 -> 13 -> 6
-    return (5, 1, 2), 3               # small images (32-64 px): 32 -> 32 -> 15 -> 7 -> 3
+    return (5, 1, 2), 3               # small images (28-64 px): 32 -> 32 -> 15 -> 7 -> 3; 28 -> 28 -> 13 -> 6 -> 2
 
 
 class CaffeNet(TransferableNet):

@@ -196,14 +196,14 @@ class ResizedSynthetic:
 
 # ---------------------------------------------------------------------------------------------
 
-def prepare(source: str, path: Path | None, out: Path, resolution: int | None = 256, format: str = "jpg",
+def prepare(source: str, path: Path | None, out: Path, resolution: int | None = None, format: str = "jpg",
             quality: int = 90, synthetic: SyntheticSpec | None = None, val_labels: Path | None = None,
             workers: int | None = None, force: bool = False) -> dict:
     """Write the betons and manifest of one dataset into `out`; nothing to do if already done."""
     out = Path(out)
     spec = synthetic or SyntheticSpec()
-    if source == "synthetic" and resolution is None:
-        resolution = spec.size                   # store the synthetic images at their native size
+    if resolution is None:                       # the paper's 256 px squares; synthetic images at their own size
+        resolution = spec.size if source == "synthetic" else 256
     settings = BetonSettings(resolution, format, quality)
     settings.check()
     if source == "synthetic":
@@ -227,14 +227,13 @@ def prepare(source: str, path: Path | None, out: Path, resolution: int | None = 
                            "settings": settings.to_dict(), "layout": 1})
 
     existing = read_manifest(out, missing_ok=True)
-    if existing is not None:
+    if existing is not None and not force:
         if existing["fingerprint"] == fingerprint:
             verify_betons(out, existing)
             log.info("%s is up to date (fingerprint %s): nothing to do", out, fingerprint[:12])
             return existing
-        if not force:
-            raise DatasetError(f"{out} already holds betons of another dataset or other settings "
-                               f"({_describe(existing)}); pass --force to overwrite them, or choose another --out")
+        raise DatasetError(f"{out} already holds betons of another dataset or other settings "
+                           f"({_describe(existing)}); pass --force to overwrite them, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)          # from here on the folder is not finished
     workers = workers or len(os.sched_getaffinity(0))
@@ -242,7 +241,7 @@ def prepare(source: str, path: Path | None, out: Path, resolution: int | None = 
     t0 = time.time()
     stats = {}
     for split, ds in datasets.items():
-        stats[split] = _write_beton(ds, out / f"{split}.beton", settings, workers)
+        stats[split] = _write_beton(ds, out / f"{split}.beton", settings, workers, len(classes))
     mean, std = _channel_stats(datasets["train"])
     manifest = {
         "name": name, "source": source, "classes": classes, "superclass_order": superclass_order,
@@ -257,7 +256,8 @@ def prepare(source: str, path: Path | None, out: Path, resolution: int | None = 
     for split, st in stats.items():
         empty = [classes[k]["id"] for k, n in enumerate(st["per_class"]) if n == 0]
         if empty:
-            raise DatasetError(f"every {split} image of class(es) {empty[:5]} is corrupt: fix or remove them, then rerun")
+            raise DatasetError(f"{len(empty)} class(es) have no readable {split} image (e.g. {empty[:5]}; "
+                               f"{st['corrupt']} corrupt {split} files in all): fix or add their images, then rerun")
     _atomic_write_json(out / MANIFEST, manifest)
     log.info("wrote %s in %.1f s: %s", out, manifest["write_s"], _describe(manifest))
     return manifest
@@ -284,11 +284,12 @@ def verify_betons(data_dir: Path, manifest: dict):
                                f"(expected {b['bytes']} bytes): rerun `raytransfer prepare` with --force")
 
 
-def _write_beton(ds, path: Path, settings: BetonSettings, workers: int) -> dict:
+def _write_beton(ds, path: Path, settings: BetonSettings, workers: int, n_classes: int) -> dict:
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.reader import Reader
+    from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.writer import DatasetWriter
 
+    IMAGE_MODES[settings.format]    # compiles numba's typed-dict lookup here once, not in each writer process (~1 s)
     partial = path.with_name(path.name + ".partial")
     partial.unlink(missing_ok=True)
     path.unlink(missing_ok=True)
@@ -298,7 +299,6 @@ def _write_beton(ds, path: Path, settings: BetonSettings, workers: int) -> dict:
     writer.from_indexed_dataset(ds, chunksize=max(16, min(256, len(ds) // (4 * workers) or 16)))
     labels = label_column(partial)
     os.replace(partial, path)
-    n_classes = int(labels.max()) + 1 if len(labels) else 0
     good = labels[labels != CORRUPT_LABEL]
     return {"images": int(len(good)), "corrupt": int((labels == CORRUPT_LABEL).sum()),
             "corrupt_ids": np.flatnonzero(labels == CORRUPT_LABEL).tolist(),

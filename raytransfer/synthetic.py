@@ -34,8 +34,8 @@ class SyntheticSpec:
     superclasses_per_family: int = 4
     classes_per_superclass: int = 4
     train_per_class: int = 200
-    val_per_class: int = 50
-    size: int = 36                 # stored side in pixels (trained on random 32 px crops)
+    val_per_class: int = 30
+    size: int = 32                 # stored side in pixels (the demo trains on random 28 px crops)
     part_size: float = 0.30        # part diameter as a fraction of the side
     parts_per_family: int = 8
     version: int = 1               # bump when rendering changes: it changes the fingerprint
@@ -98,22 +98,22 @@ class World:
         spec, size = self.spec, self.spec.size
         img = _background(rng, size)
         draw = ImageDraw.Draw(img)
-        for _ in range(rng.integers(2, 5)):                      # clutter strokes, family-agnostic
+        for _ in range(rng.integers(1, 4)):                      # clutter strokes, family-agnostic
             pts = [tuple(rng.uniform(0, size, 2)) for _ in range(2)]
             draw.line(pts, fill=_colour(rng), width=int(rng.integers(1, 3)))
         part_px = spec.part_size * size
-        for _ in range(rng.integers(1, 3)):                      # distractor parts from either family
+        for _ in range(rng.integers(0, 2)):                      # distractor parts from either family
             fam = self.parts[rng.integers(len(FAMILIES))]
             _draw_part(draw, rng, fam[rng.integers(len(fam))], rng.uniform(0, size, 2), 0.6 * part_px)
         centre = size / 2 + rng.uniform(-0.08, 0.08, 2) * size     # the object, with jitter
         scale = rng.uniform(0.85, 1.1) * size * 0.30
-        rot = math.radians(rng.uniform(-25, 25))
+        rot = math.radians(rng.uniform(-20, 20))
         cos, sin = math.cos(rot), math.sin(rot)
         for x, y, part, s in self.layouts[label]:
             xy = centre + scale * np.array([cos * x - sin * y, sin * x + cos * y])
             _draw_part(draw, rng, part, xy, part_px * s * rng.uniform(0.85, 1.15), extra_angle=math.degrees(rot))
         arr = np.asarray(img, dtype=np.int16)
-        arr = arr + rng.normal(0, 8, arr.shape).astype(np.int16)   # pixel noise
+        arr = arr + rng.normal(0, 6, arr.shape).astype(np.int16)   # pixel noise
         return np.clip(arr, 0, 255).astype(np.uint8)
 
 

@@ -17,6 +17,7 @@ Layers above n and the head get a fresh seeded initialisation, identical to scra
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import torch
 
@@ -63,7 +64,7 @@ def copy_layers(net: TransferableNet, base_state: dict, layers) -> list[str]:
         for k in keys:
             if k not in base_state:
                 raise ValueError(f"base weights have no {k!r} (layer {layer.name}): wrong architecture?")
-            src = torch.as_tensor(base_state[k])
+            src = as_tensor(base_state[k])
             if src.shape != own[k].shape:
                 raise ValueError(f"layer {layer.name}: {k} has shape {tuple(src.shape)} in the base, "
                                  f"{tuple(own[k].shape)} here: different width or resolution?")
@@ -91,9 +92,17 @@ def frozen_state(net: TransferableNet) -> dict[str, torch.Tensor]:
 def verify_frozen(net: TransferableNet, reference: dict) -> dict:
     """Are the frozen layers bit-identical to `reference` (base weights, or the random init)?"""
     own = net.state_dict()
-    bad = [k for k, v in reference.items() if k in own and not torch.equal(own[k].cpu(), torch.as_tensor(v).cpu())]
+    bad = [k for k, v in reference.items() if k in own and not torch.equal(own[k].cpu(), as_tensor(v).cpu())]
     checked = [k for k in reference if k in own]
     return {"ok": not bad and bool(checked), "checked": len(checked), "mismatched": bad}
+
+
+def as_tensor(value) -> torch.Tensor:
+    """A base weight as a tensor without a copy. Weights from Ray's object store are read-only numpy
+    arrays; they are only ever read here, so torch's warning about non-writable arrays is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(value)
 
 
 def init_seed_for(seed: int, stream: str = "fresh") -> int:

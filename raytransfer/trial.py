@@ -17,7 +17,7 @@ from .loaders import CropSpec, build_half_loaders
 from .loop import fit, unwrap
 from .prepare import read_manifest
 from .recipes import recipe_from_dict
-from .transfer import build_trial_network, frozen_state, init_seed_for, verify_frozen
+from .transfer import as_tensor, build_trial_network, frozen_state, init_seed_for, verify_frozen
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, 
     reference = None
     if mode == "frozen":
         reference = {k: v for k, v in frozen_state(net).items()}
-        reference = {k: torch.as_tensor(base_state[k]) for k in reference}      # the base's own tensors
+        reference = {k: as_tensor(base_state[k]) for k in reference}      # the base's own tensors
     elif mode == "random_frozen":
         reference = frozen_state(net)
     if recipe.channels_last:
@@ -56,10 +56,11 @@ def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, 
                                  device=device, seed=seed, num_workers=num_workers, distributed=distributed,
                                  expect_fingerprint=spec.get("dataset_fingerprint"))
     copied = [l.name for l in unwrap(net).layer_table()[:n]] if mode == "finetune" else ()
-    speeds = []
+    epoch_log = [] if resume_state is None else list(resume_state.get("epoch_log", []))
 
     def on_epoch(metrics, state):
-        speeds.append(metrics["images_per_s"])
+        epoch_log.append(dict(metrics))
+        state["epoch_log"] = epoch_log                 # the curve survives a resume
         if report is not None:
             report(metrics, state)
 
@@ -68,7 +69,11 @@ def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, 
     if check is not None and not check["ok"]:
         log.error("frozen layers changed during training: %s", check["mismatched"][:5])
     summary.update(frozen_check=None if check is None else check["ok"],
-                   train_images_per_s=sum(speeds) / len(speeds) if speeds else float("nan"),
+                   train_images_per_s=_mean([m["images_per_s"] for m in epoch_log]), epoch_log=epoch_log,
                    wall_s=time.time() - t0, num_classes=num_classes)
     summary["state_dict"] = {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()}
     return summary
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else float("nan")

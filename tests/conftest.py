@@ -1,0 +1,63 @@
+"""Shared fixtures for the data tests: a tiny prepared synthetic dataset and a class-folder tree maker.
+
+Betons are written once per session: importing FFCV and compiling its pipelines cost seconds.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_SYNTHETIC = dict(train_per_class=4, val_per_class=2, superclasses_per_family=2, classes_per_superclass=2)
+
+
+def random_image(rng, cls_index, i, h, w):
+    """Noise with a class tint, any size: enough for writing and counting."""
+    img = rng.integers(0, 200, (h, w, 3))
+    img[..., cls_index % 3] += 55
+    return img.astype(np.uint8)
+
+
+def write_image_tree(root, counts: dict, ext: str = ".JPEG", draw=random_image, seed: int = 0) -> Path:
+    """root/<split>/<class>/<class>_<i><ext> for counts = {split: {class: n}}; sizes vary 24..63 px
+    unless `draw` fixes them. Classes are numbered in sorted order (the dataset's label order)."""
+    root, rng = Path(root), np.random.default_rng(seed)
+    for split, per_class in counts.items():
+        for k, cls in enumerate(sorted(per_class)):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class[cls]):
+                h, w = (int(v) for v in rng.integers(24, 64, 2))
+                save_image(draw(rng, k, i, h, w), d / f"{cls}_{i:03d}{ext}")
+    return root
+
+
+def save_image(arr, path: Path):
+    Image.fromarray(arr).save(path, **({"quality": 90} if path.suffix.lower() in (".jpg", ".jpeg") else {}))
+
+
+def write_corrupt_jpeg(path: Path, kind: str = "truncated"):
+    """A file with a JPEG name that PIL cannot decode: a JPEG cut in half, or random bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "truncated":
+        good = path.with_name("_whole.jpg")
+        save_image(np.random.default_rng(1).integers(0, 256, (48, 48, 3)).astype(np.uint8), good)
+        data = good.read_bytes()
+        good.unlink()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(np.random.default_rng(2).integers(0, 256, 3000).astype(np.uint8).tobytes())
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """(folder, manifest) of the synthetic dataset at 8 classes x (4 train, 2 val), native 36 px, JPEG."""
+    from raytransfer.prepare import prepare
+    from raytransfer.synthetic import SyntheticSpec
+
+    out = tmp_path_factory.mktemp("synthetic")
+    manifest = prepare("synthetic", None, out, resolution=None, synthetic=SyntheticSpec(**TINY_SYNTHETIC), workers=2)
+    return out, manifest

@@ -1,0 +1,254 @@
+"""Loaders of one half: exactly the half's samples, labels 0..k-1 in sorted class order, the paper's crops.
+
+The dataset is written raw from PNGs whose pixels say where they come from: red = 6·x, green = 6·y,
+blue = 40 + 50·(class index) + (sample number). So every yielded crop tells its class, its sample,
+its offset and whether it was mirrored, and any error in the indices, the label table, the crop or
+the normalisation shows up as a wrong pixel.
+"""
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_corrupt_jpeg, write_image_tree
+
+from raytransfer.loaders import CropSpec, build_half_loaders, half_indices
+from raytransfer.prepare import CORRUPT_LABEL, DatasetError, label_column, prepare
+
+STORED, CROP = 40, 32
+TRAIN = {"zebra": 10, "apple": 3, "mango": 4, "kiwi": 6}      # written in this order, labelled in sorted order
+VAL = {"zebra": 4, "apple": 2, "mango": 2, "kiwi": 3}
+SORTED = sorted(TRAIN)                                          # apple 0, kiwi 1, mango 2, zebra 3
+HALF = ["zebra", "kiwi"]                                        # remapped: kiwi -> 0, zebra -> 1
+CPU = torch.device("cpu")
+# numba's finalizers raise a harmless KeyError when FFCV's compiled pipelines are garbage-collected
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def collect_pipelines_here():
+    """Collect this module's loaders before it ends, so numba's noise is not reported by other modules."""
+    yield
+    gc.collect()
+
+
+def xy_image(rng, k, i, h, w):
+    y, x = np.mgrid[0:STORED, 0:STORED]
+    return np.stack([6 * x, 6 * y, np.full_like(x, 40 + 50 * k + i)], -1).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def xy(tmp_path_factory):
+    """(folder, manifest): the raw xy dataset, with one corrupt JPEG in each split inside the half."""
+    root = tmp_path_factory.mktemp("xy")
+    tree = write_image_tree(root / "tree", {"train": TRAIN, "val": VAL}, ext=".png", draw=xy_image)
+    write_corrupt_jpeg(tree / "train" / "zebra" / "zebra_zz.JPEG", "garbage")
+    write_corrupt_jpeg(tree / "val" / "kiwi" / "kiwi_cut.JPEG", "truncated")
+    m = prepare("folder", tree, root / "out", resolution=STORED, format="raw", workers=1)
+    return root / "out", m
+
+
+@pytest.fixture(scope="module")
+def loaders(xy):
+    return build_half_loaders(xy[0], HALF, CropSpec("paper", CROP), batch_size=4, device=CPU, seed=0,
+                              val_batch_size=4)
+
+
+def pixels(images, manifest):
+    """Undo the normalisation: float NCHW -> the stored uint8 values, NHWC."""
+    mean, std = (torch.tensor(manifest[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    return (images * std + mean).round().permute(0, 2, 3, 1).numpy().astype(np.int64)
+
+
+def read_crop(img, size=CROP):
+    """(class index, sample number, x offset, y offset, mirrored) of a crop that must be an exact slice."""
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    assert (b == b[0, 0]).all() and (r == r[:1]).all() and (g == g[:, :1]).all()
+    assert (r % 6 == 0).all() and (g % 6 == 0).all()
+    xs, ys = r[0] // 6, g[:, 0] // 6
+    mirrored = bool(xs[0] > xs[-1])
+    ox, oy = int(xs.min()), int(ys[0])
+    step = np.arange(size)
+    assert (xs == (ox + step[::-1] if mirrored else ox + step)).all() and (ys == oy + step).all()
+    k, i = divmod(int(b[0, 0]) - 40, 50)
+    return k, i, ox, oy, mirrored
+
+
+def epoch(loader, manifest):
+    out = []
+    for images, labels in loader:
+        assert images.dtype == torch.float32 and labels.dtype == torch.int64
+        out += [(read_crop(img), int(y)) for img, y in zip(pixels(images, manifest), labels)]
+    return out
+
+
+def expected_samples(split):
+    counts = TRAIN if split == "train" else VAL
+    return sorted((SORTED.index(c), i) for c in HALF for i in range(counts[c]))
+
+
+def check_labels(seen, manifest, split):
+    """Each crop's label is its class's rank in the half's sorted class ids; counts match the manifest."""
+    half_sorted = sorted(HALF)
+    for (k, *_), y in seen:
+        assert y == half_sorted.index(SORTED[k])
+    per_class = manifest["counts"][split]["per_class"]
+    assert Counter(y for _, y in seen) == {j: per_class[SORTED.index(c)] for j, c in enumerate(half_sorted)}
+
+
+# -- one half: exactly its samples, remapped labels ------------------------------------------------
+
+def test_half_loaders_describe_the_half(loaders, xy):
+    assert loaders.num_classes == 2 and loaders.class_ids == ["kiwi", "zebra"]
+    assert len(loaders.train) == 16 // 4 and loaders.train.num_samples == 16      # the corrupt zebra is not in
+    assert len(loaders.val) == 2 and loaders.val.num_samples == 7
+
+
+def test_val_epoch_is_the_half_in_order_centre_cropped(loaders, xy):
+    seen = epoch(loaders.val, xy[1])
+    assert [(k, i) for (k, i, *_), _ in seen] == expected_samples("val")           # sequential, each once
+    assert {(ox, oy, m) for (_, _, ox, oy, m), _ in seen} == {((STORED - CROP) // 2,) * 2 + (False,)}
+    check_labels(seen, xy[1], "val")
+
+
+def test_train_epoch_is_the_half_shuffled_random_crops(loaders, xy):
+    first, second = epoch(loaders.train, xy[1]), epoch(loaders.train, xy[1])
+    for seen in (first, second):
+        assert sorted((k, i) for (k, i, *_), _ in seen) == expected_samples("train")   # each sample once
+        check_labels(seen, xy[1], "train")
+    assert [s for s, _ in first] != [s for s, _ in second]                         # a new order each epoch
+    crops = [s[2:] for s, _ in first + second]
+    assert all(0 <= ox <= STORED - CROP and 0 <= oy <= STORED - CROP for ox, oy, _ in crops)
+    assert len({(ox, oy) for ox, oy, _ in crops}) >= 4                              # random offsets ...
+    assert {m for *_, m in crops} == {True, False}                                  # ... and mirroring
+
+
+def test_leaving_an_epoch_early_then_a_full_one(loaders, xy):
+    for _ in loaders.val:
+        break
+    assert [s[:2] for s, _ in epoch(loaders.val, xy[1])] == expected_samples("val")
+
+
+def test_rrc_crop_of_the_fast_recipe(xy):
+    other = build_half_loaders(xy[0], ["mango", "apple"], CropSpec("rrc", 24), batch_size=7, device=CPU, seed=1)
+    (images, labels), = list(other.train)
+    assert images.shape == (7, 3, 24, 24) and sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 1]
+    for img, y in zip(pixels(images, xy[1]), labels.tolist()):
+        b = img[..., 2]
+        assert b.max() - b.min() <= 1                        # a resized crop of one image: one blue value
+        k = (int(np.median(b)) - 40) // 50
+        assert SORTED[k] == ["apple", "mango"][y]
+
+
+# -- indices from metadata only ----------------------------------------------------------------------
+
+def test_indices_come_from_the_label_column_only(xy, tmp_path):
+    from ffcv.reader import Reader
+
+    beton = xy[0] / "train.beton"
+    labels = label_column(beton)
+    expected = np.repeat([0, 1, 2, 3], [TRAIN[c] for c in SORTED])
+    np.testing.assert_array_equal(labels, np.append(expected, CORRUPT_LABEL))    # zebra_zz sorts last
+    blank = tmp_path / "blank.beton"                         # the same file with every image's bytes wiped
+    shutil.copy(beton, blank)
+    meta = Reader(str(beton)).metadata["f0"]
+    with open(blank, "r+b") as f:
+        for ptr, w, h in zip(meta["data_ptr"], meta["width"], meta["height"]):
+            f.seek(int(ptr))
+            f.write(b"\xff" * int(w * h * 3))
+    assert Reader(str(blank)).metadata["f0"]["data_ptr"].tolist() == meta["data_ptr"].tolist()
+    np.testing.assert_array_equal(label_column(blank), labels)
+    ids, lut = half_indices(labels, [3, 1])
+    np.testing.assert_array_equal(ids, np.r_[3:9, 13:23])
+    np.testing.assert_array_equal(lut, [-1, 0, -1, 1])
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+def test_split_naming_classes_the_dataset_lacks(xy):
+    with pytest.raises(DatasetError, match=r"names 1 classes that .* does not have \(e.g. \['pear'\]\)"):
+        build_half_loaders(xy[0], ["kiwi", "pear"], CropSpec(), 4, CPU, 0)
+    for half in ([], ["kiwi", "kiwi"]):
+        with pytest.raises(DatasetError, match="a half must name distinct classes"):
+            build_half_loaders(xy[0], half, CropSpec("paper", CROP), 4, CPU, 0)
+
+
+def test_beton_of_other_settings_than_the_job_expects(xy):
+    with pytest.raises(DatasetError, match=f"fingerprint {xy[1]['fingerprint'][:12]}, the job expects 000000000000"):
+        build_half_loaders(xy[0], HALF, CropSpec("paper", CROP), 4, CPU, 0, expect_fingerprint="0" * 64)
+
+
+def test_crop_larger_than_stored_images(xy):
+    with pytest.raises(DatasetError, match=f"crop 227 px is larger than the stored {STORED} px"):
+        build_half_loaders(xy[0], HALF, CropSpec("paper", 227), 4, CPU, 0)
+    with pytest.raises(ValueError, match="unknown crop 'jitter'"):
+        build_half_loaders(xy[0], HALF, CropSpec("jitter", CROP), 4, CPU, 0)
+
+
+def test_not_a_prepared_folder(tmp_path):
+    with pytest.raises(DatasetError, match="is not a prepared dataset"):
+        build_half_loaders(tmp_path, HALF, CropSpec(), 4, CPU, 0)
+
+
+# -- DDP: each rank its own share ------------------------------------------------------------------
+
+def _ddp_rank(rank, data_dir, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2)
+    try:
+        got = build_half_loaders(data_dir, HALF, CropSpec("paper", CROP), batch_size=2, device=CPU, seed=5,
+                                 distributed=True)
+        order = got.train.loader.traversal_order                    # what each epoch's EpochIterator reads
+        np.savez(out_dir / f"rank{rank}.npz", train0=order.sample_order(0), train1=order.sample_order(1),
+                 val=got.val.loader.indices, batches=len(got.train))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_read_disjoint_shares(xy, tmp_path):
+    """Two gloo ranks, forked (FFCV is already imported here; spawning would import it again, ~10 s)."""
+    ctx = torch.multiprocessing.start_processes(_ddp_rank, (xy[0], tmp_path), nprocs=2, join=False,
+                                                start_method="fork")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the DDP ranks did not finish within 120 s")
+    r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in (0, 1))
+    labels = label_column(xy[0] / "train.beton")
+    train_ids = set(np.flatnonzero(np.isin(labels, [1, 3])).tolist())
+    for e in ("train0", "train1"):
+        a, b = set(r0[e].tolist()), set(r1[e].tolist())
+        assert len(r0[e]) == len(r1[e]) == 8 and not a & b and a | b == train_ids
+    assert r0["train0"].tolist() != r0["train1"].tolist() and int(r0["batches"]) == int(r1["batches"]) == 4
+    val_ids = np.flatnonzero(np.isin(label_column(xy[0] / "val.beton"), [1, 3])).tolist()
+    assert sorted(r0["val"].tolist() + r1["val"].tolist()) == val_ids                 # every image exactly once
+    assert (len(r0["val"]), len(r1["val"])) == (4, 3)
+
+
+def test_two_halves_sharing_a_compiled_loader_each_read_their_own_samples(xy):
+    """The per-process loader cache reuses one compiled FFCV Loader for both halves (same settings);
+    each half must still read exactly its own samples, also when their epochs interleave."""
+    other = [c for c in SORTED if c not in HALF]
+    a = build_half_loaders(xy[0], HALF, CropSpec("paper", CROP), batch_size=4, device=CPU, seed=0, val_batch_size=4)
+    b = build_half_loaders(xy[0], other, CropSpec("paper", CROP), batch_size=4, device=CPU, seed=0, val_batch_size=4)
+    assert a.val.loader is b.val.loader                                 # one compilation, two halves
+
+    def classes_seen(loader, half):
+        seen = epoch(loader, xy[1])
+        return {SORTED[k] for (k, *_), _ in seen} == set(half) and len(seen) == loader.num_samples
+
+    assert classes_seen(a.val, HALF) and classes_seen(b.val, other) and classes_seen(a.val, HALF)
+    it_a = iter(a.val)                                                  # A mid-epoch, then B starts
+    first = next(it_a)[1].clone()
+    b_seen = {SORTED[k] for (k, *_), _ in epoch(b.val, xy[1])}
+    rest = [y.clone() for _, y in it_a]
+    assert b_seen == set(other)
+    assert sum(len(y) for y in [first] + rest) == a.val.num_samples

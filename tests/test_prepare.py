@@ -1,0 +1,280 @@
+"""`raytransfer prepare`: datasets to betons + manifest, once per settings; every bad input one clear error."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_SYNTHETIC, save_image, write_corrupt_jpeg, write_image_tree
+
+from raytransfer import prepare as prep
+from raytransfer.cli import main
+from raytransfer.loaders import CropSpec, build_half_loaders
+from raytransfer.prepare import DatasetError, label_column, prepare, read_manifest, verify_betons
+from raytransfer.synthetic import FAMILIES, SyntheticImages, SyntheticSpec
+
+FOLDER_COUNTS = {"train": {"cat": 6, "ant": 6, "bee": 6}, "val": {"cat": 3, "ant": 3, "bee": 3}}
+TENCH, GOLDFISH, AIRLINER = "n01440764", "n01443537", "n02690373"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def folder_tree(tmp_path_factory):
+    return write_image_tree(tmp_path_factory.mktemp("folder") / "tree", FOLDER_COUNTS)
+
+
+@pytest.fixture(scope="module")
+def folder_dataset(folder_tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("folder_betons")
+    return out, prepare("folder", folder_tree, out, resolution=32, workers=1)
+
+
+# -- synthetic -------------------------------------------------------------------------------------
+
+def test_synthetic_manifest_describes_betons(synthetic_dataset):
+    out, m = synthetic_dataset
+    spec = SyntheticSpec(**TINY_SYNTHETIC)
+    ids = [c["id"] for c in m["classes"]]
+    assert ids == sorted(ids) and len(ids) == spec.num_classes == 8
+    assert [c["index"] for c in m["classes"]] == list(range(8))
+    assert {c["superclass"] for c in m["classes"]} == set(FAMILIES) and m["superclass_order"] == list(FAMILIES)
+    assert m["settings"] == {"resolution": spec.size, "format": "jpg", "quality": 90}
+    assert m["counts"]["train"] == {"images": 32, "corrupt": 0, "per_class": [4] * 8}
+    assert m["counts"]["val"] == {"images": 16, "corrupt": 0, "per_class": [2] * 8}
+    assert len(m["fingerprint"]) == 64 and m["identity"] == {"synthetic": spec.to_dict()}
+    assert len(m["mean"]) == len(m["std"]) == 3
+    for split in ("train", "val"):
+        beton = out / f"{split}.beton"
+        assert m["betons"][split] == {"file": f"{split}.beton", "bytes": beton.stat().st_size}
+        np.testing.assert_array_equal(label_column(beton), SyntheticImages(spec, split).labels())
+    assert read_manifest(out) == m and not list(out.glob("*.partial"))
+
+
+def test_same_settings_again_does_nothing(synthetic_dataset, monkeypatch):
+    out, m = synthetic_dataset
+    stamps = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+
+    def no_writing(*a, **k):
+        raise AssertionError("prepare rewrote a beton although nothing changed")
+
+    monkeypatch.setattr(prep, "_write_beton", no_writing)
+    again = prepare("synthetic", None, out, resolution=None, synthetic=SyntheticSpec(**TINY_SYNTHETIC))
+    assert again == m
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == stamps
+
+
+def test_other_settings_need_force_then_rewrite(synthetic_dataset, tmp_path):
+    src, m = synthetic_dataset
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    spec = SyntheticSpec(**TINY_SYNTHETIC)
+    with pytest.raises(DatasetError, match="--force") as e:
+        prepare("synthetic", None, out, resolution=None, quality=75, synthetic=spec, workers=1)
+    assert m["fingerprint"][:12] in str(e.value)
+    assert read_manifest(out) == m                       # refused: nothing touched
+    new = prepare("synthetic", None, out, resolution=None, quality=75, synthetic=spec, workers=1, force=True)
+    assert new["settings"]["quality"] == 75 and new["fingerprint"] != m["fingerprint"]
+    assert read_manifest(out) == new
+    verify_betons(out, new)
+
+
+# -- class-folder trees and ImageNet layouts -------------------------------------------------------
+
+def test_folder_tree_to_betons(folder_dataset):
+    from ffcv.reader import Reader
+
+    out, m = folder_dataset
+    assert [c["id"] for c in m["classes"]] == ["ant", "bee", "cat"]
+    assert [(c["index"], c["name"], c["superclass"]) for c in m["classes"]] == [
+        (0, "ant", None), (1, "bee", None), (2, "cat", None)]
+    assert m["counts"]["train"] == {"images": 18, "corrupt": 0, "per_class": [6, 6, 6]}
+    assert m["counts"]["val"] == {"images": 9, "corrupt": 0, "per_class": [3, 3, 3]}
+    assert m["source"] == "folder" and m["name"] == "tree" and m["corrupt_files"] == {"train": [], "val": []}
+    for split, n in (("train", 6), ("val", 3)):
+        r = Reader(str(out / f"{split}.beton"))
+        images = r.metadata[f"f{r.field_names.index('image')}"]
+        assert set(images["width"]) == set(images["height"]) == {32}       # varied sizes squashed to 32x32
+        np.testing.assert_array_equal(label_column(out / f"{split}.beton"), np.repeat([0, 1, 2], n))
+
+
+def imagenet_tree(root, val_layout):
+    """A few real wnids: train/<wnid>/*.JPEG, val/ in class folders or flat + LOC_val_solution.csv."""
+    write_image_tree(root, {"train": {TENCH: 4, GOLDFISH: 3, AIRLINER: 5}})
+    val = {TENCH: 2, GOLDFISH: 3, AIRLINER: 1, "n04592741": 2}        # wing: a class absent from train/
+    if val_layout == "folders":
+        write_image_tree(root, {"val": val}, seed=1)
+        return root
+    (root / "val").mkdir(parents=True)
+    rows, k = [], 0
+    for wnid, n in val.items():
+        for _ in range(n):
+            k += 1
+            image_id = f"ILSVRC2012_val_{k:08d}"
+            save_image(np.full((30, 40, 3), 9 * k, np.uint8), root / "val" / f"{image_id}.JPEG")
+            rows.append({"ImageId": image_id, "PredictionString": f"{wnid} 10 20 100 200 {wnid} 5 5 30 30"})
+    with open(root / "LOC_val_solution.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["ImageId", "PredictionString"])
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+@pytest.mark.parametrize("val_layout", ["flat", "folders"])
+def test_imagenet_layout(tmp_path, val_layout):
+    root = imagenet_tree(tmp_path / "ILSVRC", val_layout)
+    m = prepare("imagenet", root, tmp_path / "out", resolution=24, workers=1)
+    assert [(c["id"], c["name"], c["superclass"], c["index"]) for c in m["classes"]] == [
+        (TENCH, "tench", "natural", 0), (GOLDFISH, "goldfish", "natural", 1), (AIRLINER, "airliner", "man-made", 2)]
+    assert m["superclass_order"] == ["man-made", "natural"] and m["source"] == "imagenet"
+    assert m["counts"]["train"]["per_class"] == [4, 3, 5]
+    assert m["counts"]["val"]["per_class"] == [2, 3, 1]                # the wing image is left out
+    assert m["settings"] == {"resolution": 24, "format": "jpg", "quality": 90}
+    if val_layout == "flat":                                            # labels come from the CSV, in file order
+        np.testing.assert_array_equal(label_column(tmp_path / "out" / "val.beton"), [0, 0, 1, 1, 1, 2])
+
+
+def test_imagenet_flat_val_bad_labels(tmp_path):
+    root = imagenet_tree(tmp_path / "ILSVRC", "flat")
+    moved = root.parent / "elsewhere.csv"
+    (root / "LOC_val_solution.csv").rename(moved)
+    with pytest.raises(DatasetError, match="LOC_val_solution.csv was found.*--val-labels"):
+        prepare("imagenet", root, tmp_path / "out", resolution=24)
+    lines = moved.read_text().splitlines()
+    moved.write_text("\n".join(lines[:-1]) + "\n")                     # the last image is not listed
+    with pytest.raises(DatasetError, match="ILSVRC2012_val_00000008.JPEG is not listed in .*elsewhere.csv"):
+        prepare("imagenet", root, tmp_path / "out", resolution=24, val_labels=moved)
+
+
+def test_imagenet_rejects_folders_that_are_not_wnids(tmp_path):
+    write_image_tree(tmp_path / "d", {"train": {TENCH: 1, "cats": 1}, "val": {TENCH: 1, "cats": 1}})
+    with pytest.raises(DatasetError, match=r"not ILSVRC2012 wnids \(e.g. \['cats'\]\).*prepare folder"):
+        prepare("imagenet", tmp_path / "d", tmp_path / "out")
+
+
+# -- corrupt images and half-written betons --------------------------------------------------------
+
+def test_corrupt_jpegs_are_skipped_and_counted(folder_tree, tmp_path, capsys):
+    tree = tmp_path / "tree"
+    shutil.copytree(folder_tree, tree)
+    cut = write_corrupt_jpeg(tree / "train" / "bee" / "bee_cut.JPEG", "truncated")
+    junk = write_corrupt_jpeg(tree / "val" / "ant" / "ant_junk.JPEG", "garbage")
+    m = prepare("folder", tree, tmp_path / "out", resolution=32, workers=1)
+    assert m["counts"]["train"] == {"images": 18, "corrupt": 1, "per_class": [6, 6, 6]}
+    assert m["counts"]["val"] == {"images": 9, "corrupt": 1, "per_class": [3, 3, 3]}
+    assert m["corrupt_files"] == {"train": [str(cut)], "val": [str(junk)]}
+    labels = label_column(tmp_path / "out" / "train.beton")
+    assert (labels == prep.CORRUPT_LABEL).sum() == 1                  # kept as a placeholder no half selects
+    assert main(["prepare", "folder", str(tree), "--out", str(tmp_path / "out"), "--resolution", "32"]) == 0
+    assert "corrupt images skipped {'train': 1, 'val': 1}" in capsys.readouterr().out
+
+
+def test_class_with_only_corrupt_images_fails_clearly(tmp_path):
+    tree = write_image_tree(tmp_path / "tree", {"train": {"a": 2, "b": 2}, "val": {"a": 1}})
+    write_corrupt_jpeg(tree / "val" / "b" / "b_0.JPEG")
+    with pytest.raises(DatasetError, match=r"1 class\(es\) have no readable val image \(e.g. \['b'\]; 1 corrupt"):
+        prepare("folder", tree, tmp_path / "out", resolution=16, workers=1)
+    with pytest.raises(DatasetError, match="not a prepared dataset"):
+        read_manifest(tmp_path / "out")                                 # betons written, never finished
+
+
+def test_interrupted_prepare_never_looks_finished(synthetic_dataset, tmp_path, monkeypatch):
+    src, m = synthetic_dataset
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    real_write = prep._write_beton
+
+    def dies_on_val(ds, path, *args):
+        if path.name == "val.beton":
+            path.with_name("val.beton.partial").write_bytes(b"half a beton")
+            raise OSError(28, "No space left on device")
+        return real_write(ds, path, *args)
+
+    monkeypatch.setattr(prep, "_write_beton", dies_on_val)
+    spec = SyntheticSpec(**TINY_SYNTHETIC)
+    with pytest.raises(OSError, match="No space left"):                  # a forced rewrite dies half-way
+        prepare("synthetic", None, out, resolution=None, quality=70, synthetic=spec, workers=1, force=True)
+    with pytest.raises(DatasetError, match="not a prepared dataset.*raytransfer prepare"):
+        build_half_loaders(out, [m["classes"][0]["id"]], CropSpec("paper", 32), 4, device=CPU, seed=0)
+    monkeypatch.setattr(prep, "_write_beton", real_write)
+    done = prepare("synthetic", None, out, resolution=None, quality=70, synthetic=spec, workers=1)
+    assert not list(out.glob("*.partial")) and read_manifest(out) == done      # the rerun finishes it
+
+
+def test_beton_that_differs_from_manifest_is_refused(synthetic_dataset, tmp_path):
+    src, m = synthetic_dataset
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    with open(out / "train.beton", "r+b") as f:                          # cut short, e.g. a copy that died
+        f.truncate(m["betons"]["train"]["bytes"] // 2)
+    for attempt in (lambda: verify_betons(out, m),
+                    lambda: build_half_loaders(out, [m["classes"][0]["id"]], CropSpec("paper", 32), 4, CPU, 0),
+                    lambda: prepare("synthetic", None, out, resolution=None, synthetic=SyntheticSpec(**TINY_SYNTHETIC))):
+        with pytest.raises(DatasetError, match=r"train.beton is missing or differs .* with --force"):
+            attempt()
+    fixed = prepare("synthetic", None, out, resolution=None, synthetic=SyntheticSpec(**TINY_SYNTHETIC),
+                    workers=1, force=True)                               # the advised fix works
+    assert fixed["fingerprint"] == m["fingerprint"]
+    verify_betons(out, fixed)
+
+
+# -- bad input: one clear message each -------------------------------------------------------------
+
+def test_missing_dataset_folder(tmp_path):
+    for source in ("folder", "imagenet"):
+        with pytest.raises(DatasetError, match=re.escape(f"dataset folder {tmp_path / 'nope'} does not exist")):
+            prepare(source, tmp_path / "nope", tmp_path / "out")
+    with pytest.raises(DatasetError, match="needs the dataset folder"):
+        prepare("folder", None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_without_val(tmp_path):
+    write_image_tree(tmp_path / "d", {"train": {"a": 1, "b": 1}})
+    with pytest.raises(DatasetError, match=r"has train/ but no val/.*add .*val/<class>/<image>"):
+        prepare("folder", tmp_path / "d", tmp_path / "out")
+    with pytest.raises(DatasetError, match=r"has train/ but no val/"):
+        prepare("imagenet", write_image_tree(tmp_path / "i", {"train": {TENCH: 1}}), tmp_path / "out")
+
+
+def test_empty_or_missing_class_folder(tmp_path):
+    tree = write_image_tree(tmp_path / "d", {"train": {"a": 1, "b": 1}, "val": {"a": 1, "b": 1}})
+    (tree / "train" / "c").mkdir()
+    with pytest.raises(DatasetError, match=r"class folder .*train/c is empty"):
+        prepare("folder", tree, tmp_path / "out")
+    (tree / "train" / "c" / "c_0.JPEG").write_bytes((tree / "train" / "a" / "a_000.JPEG").read_bytes())
+    with pytest.raises(DatasetError, match=r"class folder .*val/c is missing"):
+        prepare("folder", tree, tmp_path / "out")
+
+
+def test_bad_settings(tmp_path):
+    for kw, msg in (({"format": "png"}, "unknown beton format 'png'; expected one of jpg, raw"),
+                    ({"resolution": 4}, "stored resolution 4 is outside 8..2048"),
+                    ({"quality": 0}, "JPEG quality 0 is outside 1..100")):
+        with pytest.raises(DatasetError, match=msg):
+            prepare("synthetic", None, tmp_path / "out", **kw)
+    with pytest.raises(DatasetError, match="unknown source 'coco'; expected one of synthetic, imagenet, folder"):
+        prepare("coco", tmp_path, tmp_path / "out")
+
+
+def test_other_settings_into_same_out(folder_tree, folder_dataset):
+    out, m = folder_dataset
+    with pytest.raises(DatasetError, match="already holds betons of another dataset or other settings.*--force"):
+        prepare("folder", folder_tree, out, resolution=48)
+    assert read_manifest(out) == m
+
+
+def test_cli_one_error_line(folder_tree, folder_dataset, tmp_path, capsys):
+    out, m = folder_dataset
+    assert main(["prepare", "folder", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raytransfer prepare: error: dataset folder") and "nope" in err[0]
+    assert main(["prepare", "folder", str(folder_tree), "--out", str(out), "--quality", "50"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--force" in err[0]
+    assert main(["prepare", "folder", str(folder_tree), "--out", str(out), "--resolution", "32"]) == 0
+    assert m["fingerprint"][:12] in capsys.readouterr().out                # same settings: the fast path
+    assert json.loads((out / "manifest.json").read_text()) == m

@@ -1,0 +1,211 @@
+"""The sweep: the dependency searcher alone (no Ray), then real smoke sweeps on a local Ray.
+
+Proves: no transfer is released before its base; FINISHED at the end (and when a base failed, with
+the reason, never a hang); state survives save/restore; a sweep trains each base exactly once and
+starts each transfer after its base finished; the same command again trains nothing; an extended
+grid trains only the new jobs; a driver killed mid-sweep and rerun with --resume finishes with no
+base retrained.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from ray.tune.search import Searcher
+
+from raytransfer.recipes import get_recipe
+from raytransfer.sweep.jobs import Dataset, build_jobs, expand_axes
+from raytransfer.sweep.searcher import DependencySearcher
+from raytransfer.synthetic import FAMILIES, SyntheticSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = [sys.executable, str(ROOT / "sweeps" / "full_paper.py")]
+
+
+def tiny_jobs(ns=(1, 2), treatments=("AnB", "BnB", "random_frozen")):
+    from ray import tune
+
+    classes = SyntheticSpec(superclasses_per_family=2, classes_per_superclass=2).classes()
+    for i, c in enumerate(classes):
+        c["index"] = i
+    ds = Dataset("unused", "synthetic", "f" * 64, classes, list(FAMILIES))
+    grid = {"split": tune.grid_search(["similar"]), "split_seed": 0, "target": "B", "seed": 0,
+            "treatment": tune.grid_search(list(treatments)), "n": tune.grid_search(list(ns))}
+    jobs, _ = build_jobs(expand_axes(grid), ds, get_recipe("smoke"))
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------
+# The searcher alone
+
+def test_searcher_releases_no_transfer_before_its_base_and_finishes():
+    jobs = tiny_jobs()
+    by_key = {j.key: j for j in jobs}
+    s = DependencySearcher(jobs)
+    issued = []
+    while True:
+        cfg = s.suggest(f"t{len(issued)}")
+        if cfg is None:
+            break
+        issued.append(cfg["job_key"])
+    # only jobs without dependencies come out while no base is done
+    assert issued and all(not by_key[k].deps for k in issued)
+    assert {by_key[k].treatment for k in issued} == {"baseA", "baseB", "random_frozen"}
+    assert s.suggest("again") is None                      # waiting for bases, not finished
+    for i, k in enumerate(issued):                         # bases (and controls) finish
+        s.on_trial_complete(f"t{i}", {"weights_uri": f"/w/{k}", "config/job_key": k})
+    rest = []
+    while (cfg := s.suggest(f"u{len(rest)}")) not in (None, Searcher.FINISHED):
+        base = by_key[cfg["job_key"]].base_key
+        assert base in s.done and cfg["base_uris"] == {base: f"/w/{base}"}
+        rest.append(cfg["job_key"])
+    assert len(issued) + len(rest) == len(jobs)
+    assert s.suggest("x") == Searcher.FINISHED             # all handed out: Tune lets the running ones finish
+    for i, k in enumerate(rest):
+        s.on_trial_complete(f"u{i}", {"weights_uri": f"/w/{k}"})
+    assert s.suggest("end") == Searcher.FINISHED and len(s.done) == len(jobs)
+
+
+def test_searcher_finishes_with_a_reason_when_a_base_fails():
+    jobs = tiny_jobs(ns=(1,), treatments=("AnB",))
+    s = DependencySearcher(jobs)
+    first = [s.suggest("a")["job_key"], s.suggest("b")["job_key"]]   # baseA, baseB
+    s.on_trial_complete("a", None, error=True)
+    s.on_trial_complete("b", {"weights_uri": "/w/b"})
+    assert s.suggest("c") == Searcher.FINISHED             # AnB needs baseA: never runs, no hang
+    assert first[0] in s.blocked_reason and "cannot run" in s.blocked_reason
+
+
+def test_searcher_state_survives_save_and_restore(tmp_path):
+    jobs = tiny_jobs()
+    s = DependencySearcher(jobs)
+    a = s.suggest("t0")
+    s.on_trial_complete("t0", {"weights_uri": "/w/a"})
+    s.save(str(tmp_path / "state.pkl"))
+    restored = DependencySearcher(jobs)
+    restored.restore(str(tmp_path / "state.pkl"))
+    assert restored.done == {a["job_key"]: "/w/a"} and restored.issued == s.issued
+    assert restored.suggest("t1")["job_key"] == s.suggest("t1")["job_key"]
+
+
+def test_searcher_seeded_from_the_job_store_skips_finished_jobs():
+    jobs = tiny_jobs()
+    done = {j.key: f"/w/{j.key}" for j in jobs if j.treatment in ("baseA", "baseB")}
+    s = DependencySearcher(jobs, done=done)
+    keys = []
+    while (cfg := s.suggest(str(len(keys)))) not in (None, Searcher.FINISHED):
+        keys.append(cfg["job_key"])
+    assert not set(keys) & set(done) and len(keys) == len(jobs) - len(done)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real sweeps on a local Ray (2 CPUs), smoke scale, a small grid
+
+@pytest.fixture(scope="module")
+def sweep_env():
+    cache = tempfile.mkdtemp(prefix="rtc", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAYTRANSFER_CACHE": cache,
+           "RAYTRANSFER_RAY_TMP": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+GRID_FLAGS = ["--scale", "smoke", "--splits", "similar", "--treatments", "AnB,BnB", "--no-dashboard",
+              "--num-cpus", "2", "--no-report"]
+
+
+def run_sweep(env, out, *flags, timeout=600):
+    p = subprocess.run(SWEEP + GRID_FLAGS + ["--out", str(out), *flags], env=env, capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def records(out) -> dict:
+    return {f.stem: json.loads(f.read_text()) for f in (Path(out) / "jobstore" / "jobs").glob("*.json")}
+
+
+def trial_dirs(out) -> list[str]:
+    return [d.name for d in Path(out).glob("tune-*/*") if d.is_dir()]
+
+
+def test_sweep_trains_bases_once_transfers_after_them_and_reruns_nothing(sweep_env, tmp_path):
+    out = tmp_path / "exp"
+    run_sweep(sweep_env, out, "--n", "1,2")
+    recs = records(out)
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == len(recs) == 6 and table.job_key.is_unique          # 2 bases + AnB/BnB x n=1,2
+    assert set(table.treatment) == {"baseA", "baseB", "AnB", "BnB"} and (table.status == "done").all()
+    bases = table[table.treatment.isin(["baseA", "baseB"])]
+    for key in bases.job_key:                                                 # each base trained exactly once
+        assert sum(d.startswith(key) for d in trial_dirs(out)) == 1
+    for _, row in table[table.base_job_key.notna()].iterrows():                # transfers start after their base
+        assert recs[row.job_key]["started_at"] >= recs[row.base_job_key]["finished_at"]
+        assert row.frozen_check == True                                        # noqa: E712 (frozen copies intact)
+    before = {k: r["recorded_at"] for k, r in recs.items()}
+
+    stdout = run_sweep(sweep_env, out, "--n", "1,2")                           # same command: nothing to train
+    assert "6 jobs, 6 done, 0 to run" in stdout
+    assert {k: r["recorded_at"] for k, r in records(out).items()} == before
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), table)
+
+    dry = run_sweep(sweep_env, out, "--n", "1,2,3", "--dry-run")               # extended grid: only n=3 new
+    assert "8 jobs, 6 done, 2 to run" in dry
+    run_sweep(sweep_env, out, "--n", "1,2,3")
+    after = records(out)
+    assert len(after) == 8
+    assert {k: after[k]["recorded_at"] for k in before} == before             # nothing old retrained
+    assert sorted(after[k]["config"]["n"] for k in set(after) - set(before)) == [3, 3]
+
+
+def test_driver_killed_mid_sweep_resumes_without_retraining_a_base(sweep_env, tmp_path):
+    out = tmp_path / "exp"
+    cmd = SWEEP + GRID_FLAGS + ["--out", str(out), "--n", "1,2,3"]
+    proc = subprocess.Popen(cmd, env=sweep_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline:                         # wait until the bases are done, transfers not all
+        recs = records(out) if (out / "jobstore" / "jobs").exists() else {}
+        if sum(r["config"]["treatment"].startswith("base") for r in recs.values()) == 2 and len(recs) < 8:
+            break
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)                   # the driver and the local Ray it started
+    proc.wait()
+    base_recs = {k: r["recorded_at"] for k, r in records(out).items() if r["config"]["treatment"].startswith("base")}
+    assert len(base_recs) == 2
+    run_sweep(sweep_env, out, "--n", "1,2,3", "--resume")
+    final = records(out)
+    assert len(final) == 8 and len(pd.read_csv(out / "results.csv")) == 8
+    assert {k: final[k]["recorded_at"] for k in base_recs} == base_recs        # no base retrained
+
+
+def test_bad_grid_input_is_one_clear_error_before_training(sweep_env, tmp_path, capsys, monkeypatch):
+    import runpy
+
+    from raytransfer.sweep.runner import main
+
+    for k in ("RAYTRANSFER_CACHE", "RAY_AUTH_MODE"):
+        monkeypatch.setenv(k, sweep_env[k])
+    grid = runpy.run_path(str(ROOT / "sweeps" / "full_paper.py"))["GRID"]
+    for flags, message in [(["--scale", "huge"], "unknown scale 'huge'"),
+                           (["--treatments", "AnB++"], "unknown treatment 'AnB++'"),
+                           (["--n", "0,8"], "outside 1..7"),
+                           (["--splits", "similar,odd"], "unknown split kind 'odd'"),
+                           (["--data", str(tmp_path / "nowhere")], "does not exist"),
+                           (["--scale", "paper"], "give --data"),
+                           (["--storage", "/proc/forbidden"], "is not writable"),
+                           (["--scale", "smoke", "--resume"], "no interrupted sweep")]:
+        rc = main(grid, ["--out", str(tmp_path / "x"), *flags], name="full_paper")
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, (flags, err)
+        assert err.strip().count("error:") == 1
+    assert not list((tmp_path / "x").glob("jobstore/jobs/*.json"))
