@@ -21,7 +21,8 @@ def add_prepare_args(p: argparse.ArgumentParser):
     p.add_argument("--out", type=Path, required=True, help="folder for train.beton, val.beton, manifest.json")
     p.add_argument("--resolution", type=int, default=None,
                    help="stored side in px, images squashed square as in the paper (default 256; synthetic: native)")
-    p.add_argument("--format", choices=["jpg", "raw"], default="jpg", help="JPEG (smaller) or raw pixels (faster to load)")
+    p.add_argument("--format", choices=["jpg", "raw"], default=None,
+                   help="JPEG (smaller) or raw pixels (faster to load); default jpg, raw for synthetic")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
     p.add_argument("--val-labels", type=Path, help="ImageNet flat val/: LOC_val_solution.csv (found automatically nearby)")
     p.add_argument("--synthetic-seed", type=int, default=0, help="synthetic: seed of the class hierarchy and images")

@@ -2,7 +2,9 @@
 
 Both report every epoch with a checkpoint (the loop's state, written by rank 0) and resume from
 the last reported checkpoint when the trial or a worker restarts. The last report of a trial
-carries its summary (top1_best10, frozen_check, ...) with `final=True`.
+carries its summary (top1_best10, frozen_check, ...) with `final=True`; under Ray Train it also
+carries the final state's checkpoint, so `result.metrics` is the summary and `result.checkpoint`
+the final weights (the summary is also the per-worker function's return value).
 
     # inside a Tune function trainable (tiny CPU trial):
     summary = run_in_tune_process(spec, base_state)
@@ -55,19 +57,33 @@ def run_in_tune_process(spec: dict, base_state: dict | None, num_threads: int = 
     import ray.tune
 
     torch.set_num_threads(num_threads)
-    ckpt = ray.tune.get_checkpoint()
-    resume = None
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            resume = load_state(d)
+    resume, note = resume_state(ray.tune.get_checkpoint(), spec["job_key"])
 
     def report(metrics, state):
+        export_metrics(spec, metrics)
         with tempfile.TemporaryDirectory() as d:
             save_state(state, d)
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(d))
 
     summary = run_trial(spec, torch.device("cpu"), base_state, report, resume, num_workers=num_threads)
-    return summary
+    return {**summary, **note}
+
+
+def resume_state(ckpt, job_key: str) -> tuple[dict | None, dict]:
+    """The state to resume from (None: from scratch) and a note for the job's record.
+
+    A checkpoint that cannot be read is skipped with a warning, so the trial restarts from scratch
+    instead of failing on every retry and every --resume.
+    """
+    if ckpt is None:
+        return None, {"resumed_from_epoch": None}
+    try:
+        with ckpt.as_directory() as d:
+            state = load_state(d)
+    except CheckpointError as e:
+        log.warning("%s: %s -- restarting this trial from scratch", job_key, e)
+        return None, {"resumed_from_epoch": None, "discarded_checkpoint": str(e)}
+    return state, {"resumed_from_epoch": int(state["epoch"])}
 
 
 def train_fn_per_worker(config: dict):
@@ -82,21 +98,21 @@ def train_fn_per_worker(config: dict):
         base_state = ray.get(config["base_ref"][0])            # zero-copy numpy from the object store
     elif config.get("base_uri"):
         base_state = load_weights_uri(config["base_uri"])
-    ckpt = ray.train.get_checkpoint()
-    resume = None
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            resume = load_state(d)
+    resume, note = resume_state(ray.train.get_checkpoint(), spec["job_key"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     threads = max(1, int(config.get("cpus_per_worker", 1)))
     torch.set_num_threads(threads)
 
+    last = {"state": resume}
+
     def report(metrics, state):
+        last["state"] = state
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
+                export_metrics(spec, metrics)
                 save_state(state, d)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -104,7 +120,27 @@ def train_fn_per_worker(config: dict):
     wrap = ray.train.torch.prepare_model if world > 1 else None
     summary = run_trial(spec, device, base_state, report, resume, distributed=world > 1, wrap_model=wrap,
                         num_workers=threads)
-    ray.train.report(summary_metrics(summary))
+    # The summary goes out with a checkpoint of the final state: in Ray 2.60 `Result.metrics` holds the
+    # metrics of the latest *checkpointed* report, so a summary reported alone never reached it.
+    final = summary_metrics({**summary, **note})
+    report(final, last["state"])
+    return final
+
+
+_GAUGES: dict = {}
+
+
+def export_metrics(spec: dict, metrics: dict):
+    """Each epoch's metrics as Ray metrics (tagged by job), for the dashboard's Metrics page / Grafana."""
+    from ray.util.metrics import Gauge
+
+    tags = {"job_key": spec.get("job_key", ""), "treatment": spec.get("treatment", "")}
+    for name in ("val_top1", "val_top5", "train_loss", "images_per_s", "epoch"):
+        if name in metrics:
+            if name not in _GAUGES:
+                _GAUGES[name] = Gauge(f"raytransfer_{name}", description=f"{name} of a raytransfer job, per epoch",
+                                      tag_keys=("job_key", "treatment"))
+            _GAUGES[name].set(float(metrics[name]), tags=tags)
 
 
 def load_weights_uri(uri: str) -> dict:

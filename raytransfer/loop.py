@@ -3,7 +3,8 @@
 One loop, two hosts: the trial's own process (a tiny CPU trial) or each worker of Ray Train's
 TorchTrainer (DDP on GPUs). The host passes a `report(metrics, state)` callback, called after every
 epoch with the metrics and a checkpoint state (model unwrapped, optimizer, epoch, history); a
-restarted trial calls `fit` again with that state and continues from the next epoch.
+restarted trial calls `fit` again with that state and continues from the next epoch. The state
+holds the live model and optimizer tensors: save it (or deep-copy it) inside the callback.
 
     summary = fit(model, recipe, loaders, device, report=lambda m, s: print(m))
 """
@@ -44,6 +45,11 @@ def make_optimizer(model: TransferableNet, recipe: Recipe, copied_layers=()) -> 
                 is_bias = pname.endswith("bias") or p.ndim == 1
                 key = ("bias" if is_bias else "weight", mult)
                 groups.setdefault(key, []).append(p)
+    grouped = {id(p) for params in groups.values() for p in params}
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
+    if stray:                      # a parameter outside the layer table would silently never train
+        raise ValueError(f"parameters {stray[:5]} belong to no layer of {type(model).__name__}'s layer table: "
+                         "add their modules to its layer_specs()")
     param_groups = []
     for (kind, mult), params in groups.items():
         lr_mult = mult * (recipe.bias_lr_mult if kind == "bias" else 1.0)
@@ -144,7 +150,7 @@ def fit(model, recipe: Recipe, loaders, device, state: dict | None = None, repor
                        val_top5=history[-1]["val_top5"], step=step, train_s=secs)
         if report is not None:
             report(metrics, {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                             "step": step, "history": history})
+                             "step": step, "history": list(history)})
     top1s = [h["val_top1"] for h in history]
     return {"top1_final": history[-1]["val_top1"], "top5_final": history[-1]["val_top5"],
             "top1_best10": best_k_mean(top1s, 10), "epochs": epochs, "steps": step, "evaluations": len(history)}

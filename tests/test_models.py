@@ -119,7 +119,8 @@ def test_layers_command_prints_the_table(capsys):
     assert [(int(row[0]), row[1]) for row in numbered] == list(enumerate(CAFFENET_LAYERS, 1))
     assert "conv2.weight" in out and "256x48x5x5" in out and "500x4096" in out
     assert lines[-1].startswith("8 transferable layers, 58,916,724 parameters")
-    assert describe_layers(build_model("resnet18", 10, resolution=32)).splitlines()[-1].startswith("10 transferable layers")
+    resnet_table = describe_layers(build_model("resnet18", 10, resolution=32))
+    assert resnet_table.splitlines()[-1].startswith("10 transferable layers")
 
 
 def test_layers_command_unknown_arch(capsys):

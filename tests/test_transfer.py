@@ -70,7 +70,8 @@ def test_each_mode_copies_and_freezes_its_prefix(bases, arch, kwargs, n, mode):
             assert differs(mine, layer_tensors(base_net, src)), (mode, layer.name)
         frozen = i < n and mode in FROZEN_MODES
         assert all(p.requires_grad != frozen for p in layer.parameters()), (mode, layer.name)
-    assert set(net.frozen_layers) == ({layer.name for layer in net.layer_table()[:n]} if mode in FROZEN_MODES else set())
+    prefix = {layer.name for layer in net.layer_table()[:n]}
+    assert set(net.frozen_layers) == (prefix if mode in FROZEN_MODES else set())
 
 
 def test_copy_means_table_entries_not_modules(bases):
@@ -193,3 +194,10 @@ def test_init_seeds_are_stable_and_streams_differ():
     assert init_seed_for(3) == init_seed_for(3, "fresh") != init_seed_for(3, "base")
     assert init_seed_for(3) != init_seed_for(4)
     assert 0 <= init_seed_for(3) < 2**31
+
+
+def test_parameters_outside_the_table_are_refused():
+    net = build_trial_network("caffenet", 10, None, 0, "scratch", SEED, CAFFENET)
+    net.extra = nn.Linear(2, 2)            # would never be trained: make_optimizer builds groups from the table
+    with pytest.raises(ValueError, match=r"\['extra.weight', 'extra.bias'\] belong to no layer"):
+        make_optimizer(net, PAPER)

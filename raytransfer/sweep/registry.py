@@ -37,8 +37,12 @@ class WeightsRegistry:
 
 
 def get_or_create_registry():
-    return WeightsRegistry.options(name=NAME, namespace=NAMESPACE, lifetime="detached",
-                                   get_if_exists=True).remote()
+    """The registry, on the driver's node (the head: it outlives worker nodes that come and go)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return WeightsRegistry.options(name=NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                                   scheduling_strategy=here).remote()
 
 
 def _registry():
@@ -53,7 +57,11 @@ def publish(key: str, state_dict: dict):
     reg = _registry()
     if reg is None:
         return False
-    ray.get(reg.store.remote(key, {k: v.detach().cpu().numpy() for k, v in state_dict.items()}))
+    try:
+        ray.get(reg.store.remote(key, {k: v.detach().cpu().numpy() for k, v in state_dict.items()}), timeout=60)
+    except Exception as e:                            # actor gone (its node died): dependents read the URI
+        log.warning("weights registry unavailable (%s): %s is only in storage", e, key)
+        return False
     return True
 
 

@@ -41,7 +41,7 @@ class Scale:
 SCALES = {
     "smoke": Scale("smoke", SyntheticSpec(superclasses_per_family=2, classes_per_superclass=3, train_per_class=60,
                                           val_per_class=20)),
-    "demo": Scale("demo", SyntheticSpec(train_per_class=160)),
+    "demo": Scale("demo", SyntheticSpec(classes_per_superclass=3, train_per_class=240)),
     "paper": Scale("paper", None, (0, 1, 2, 3)),
     "fast": Scale("fast", None, (0, 1, 2, 3)),
 }
@@ -64,7 +64,8 @@ def add_sweep_args(p: argparse.ArgumentParser):
     p.add_argument("--out", type=Path, help="experiment folder for results and report (default results/<sweep>-<scale>)")
     p.add_argument("--storage", help="where the job store, checkpoints and Tune state live: a path or s3://... (default: --out)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per worker (fractions allowed for small nets)")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs per worker, fractions allowed for small nets (default: 1 if the cluster has GPUs, else 0)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train DDP workers per trial")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per worker (FFCV loader threads)")
     p.add_argument("--host", choices=["auto", "process", "train"], default="auto",
@@ -142,12 +143,19 @@ def resolve_dataset(args, scale: Scale, cache: Path) -> Dataset:
         spec = scale.synthetic
         digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
         data_dir = cache / f"synthetic-{digest}"
-        manifest = prepare("synthetic", None, data_dir, resolution=None, synthetic=spec)
+        try:
+            manifest = prepare("synthetic", None, data_dir, resolution=None, synthetic=spec)
+        except (OSError, DatasetError) as e:        # e.g. no space: free what was half written, say where
+            for partial in Path(data_dir).glob("*.partial"):
+                partial.unlink(missing_ok=True)
+            raise SweepError(f"cannot prepare the built-in dataset in {data_dir}: {e} (that folder is under "
+                             f"RAYTRANSFER_CACHE={cache}: fix it there or point the variable elsewhere)") from None
     return Dataset(str(Path(data_dir).resolve()), manifest["name"], manifest["fingerprint"], manifest["classes"],
                    manifest.get("superclass_order"))
 
 
-def print_job_table(jobs: list[Job], done: dict, out=sys.stdout):
+def print_job_table(jobs: list[Job], done: dict, out=None):
+    out = out or sys.stdout                         # looked up now: redirections (and pytest's capsys) see it
     print(f"{'job':<58} {'status':<7} depends on", file=out)
     for j in jobs:
         print(f"{j.key:<58} {'done' if j.key in done else 'to run':<7} {j.base_key or '-'}", file=out)
@@ -182,7 +190,7 @@ def run(grid: dict, args, name: str) -> int:
     grid = apply_overrides(grid, args)
     out = (args.out or Path("results") / f"{name}-{args.scale}").resolve()
     storage = args.storage or str(out)
-    if args.gpus_per_trial < 0 or args.workers_per_trial < 1 or args.cpus_per_trial <= 0:
+    if (args.gpus_per_trial or 0) < 0 or args.workers_per_trial < 1 or args.cpus_per_trial <= 0:
         raise SweepError("--gpus-per-trial must be >= 0, --workers-per-trial >= 1 and --cpus-per-trial > 0")
     store = JobStore(storage)
     store.check_writable()
@@ -212,6 +220,10 @@ def run(grid: dict, args, name: str) -> int:
         r.setdefault("dataset", dataset.name)
     table = write_results(out, jobs, records)
     missing = [j.key for j in jobs if j.key not in records]
+    dropped = sorted(k for k in done if k not in records)      # a trial found their weights unreadable
+    if dropped:
+        print(f"[sweep] the weights of {', '.join(dropped)} were unreadable (corrupt): their record was dropped; "
+              "rerun the same command to retrain them alone, then the jobs that need them")
     print(f"[sweep] {len(table)}/{len(jobs)} jobs done in {time.time() - t0:.0f} s; results: {out / 'results.csv'}")
     if missing:
         print(f"[sweep] {len(missing)} job(s) not done (rerun the same command to retry them): {', '.join(missing[:5])}")

@@ -16,7 +16,7 @@ from ray import tune
 
 from .registry import fetch_base, get_or_create_registry, publish
 from .searcher import DependencySearcher
-from .store import JobStore
+from .store import CorruptWeights, JobStore
 
 log = logging.getLogger("raytransfer.sweep")
 
@@ -36,7 +36,12 @@ def run_job(config: dict):
     started = time.time()
     base_state, via = None, None
     for base_key, uri in config.get("base_uris", {}).items():
-        base_state, via = fetch_base(base_key, uri)
+        try:
+            base_state, via = fetch_base(base_key, uri)
+        except CorruptWeights as e:                # never train on them; the next run retrains that base alone
+            store.forget(base_key)
+            raise CorruptWeights(f"{e}; dropped the record of base {base_key}: rerun the same command to retrain "
+                                 "that base alone, then this job") from None
     if config["host"] == "train":
         summary = _run_under_train(config, spec, base_state)
     else:
@@ -46,7 +51,8 @@ def run_job(config: dict):
     if spec["treatment"] in ("baseA", "baseB"):
         publish(key, summary["state_dict"])
     store.write(key, {"metrics": metrics, "weights_uri": uri, "config": spec, "host": config["host"],
-                      "base_weights_via": via, "started_at": started, "finished_at": time.time(),
+                      "base_weights_via": via, "node_id": ray.get_runtime_context().get_node_id(),
+                      "started_at": started, "finished_at": time.time(),
                       "versions": _versions()})
     tune.report({**_scalars(metrics), "weights_uri": uri, "final": True})
 
@@ -168,6 +174,8 @@ def check_resources(args) -> tuple[str, int]:
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     gpus_per_node = max((r.get("GPU", 0) for r in nodes), default=0)
     cpus_total = sum(r.get("CPU", 0) for r in nodes)
+    if args.gpus_per_trial is None:                 # a GPU cluster trains on GPUs unless told otherwise
+        args.gpus_per_trial = 1.0 if gpus_per_node >= 1 else 0.0
     if args.gpus_per_trial > 0 and gpus_per_node == 0:
         raise SweepError(f"--gpus-per-trial {args.gpus_per_trial} asks for GPUs but the cluster has none: "
                          "drop the flag (CPU) or add GPU nodes")
@@ -189,7 +197,6 @@ def check_resources(args) -> tuple[str, int]:
 
 def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, args):
     """[3] Ray and the registry, [4] one Tuner.fit() (or Tuner.restore with --resume)."""
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     init_ray(args)
     try:
         host, concurrency = check_resources(args)

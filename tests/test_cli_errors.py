@@ -1,0 +1,231 @@
+"""Bad input to the whole sweep command line: one clear message, nothing trained, nothing lost.
+
+The inputs that need a cluster (GPUs it lacks, more GPUs than a node has) run against a small
+simulated one (`ray.cluster_utils.Cluster`, fake GPU counts); the others need no Ray at all. The
+rest of the list (unknown scale/treatment/split, n outside 1..7, missing --data, storage not
+writable, --resume with nothing there) is in test_sweep.py.
+
+"Nothing lost": the storage holds two finished bases before each command, and every file that was
+there is byte-for-byte the same afterwards; "nothing trained": no new record, no weights, no Tune
+experiment.
+"""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+
+from raytransfer.sweep.runner import main
+from raytransfer.sweep.store import JobStore
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = [sys.executable, str(ROOT / "sweeps" / "full_paper.py")]
+GRID = runpy.run_path(str(ROOT / "sweeps" / "full_paper.py"))["GRID"]
+FLAGS = ["--scale", "smoke", "--splits", "similar", "--treatments", "AnB", "--n", "1", "--no-report"]
+
+
+@pytest.fixture(scope="module")
+def env():
+    """The environment of every command here; the built-in smoke dataset prepared once, before Ray starts."""
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    os.makedirs(f"{tmp}/ray")                                # Ray's "current cluster" file: here, not /tmp/ray
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": tmp,
+                     "RAYTRANSFER_CACHE": tempfile.mkdtemp(prefix="rtc", dir="/tmp")}.items():
+            mp.setenv(k, v)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        assert main(GRID, FLAGS + ["--out", f"{tmp}/dry", "--dry-run"], name="full_paper") == 0
+        yield {**os.environ}
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(env):
+    """A head with 2 CPUs and no GPU (explicitly: also on a machine that has some)."""
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False,
+                                                      "temp_dir": env["RAY_TMPDIR"]})
+    yield c
+    c.shutdown()
+
+
+def job_table(capsys, out) -> dict:
+    """{job key: (status, base key)} from the sweep's --dry-run job table."""
+    assert main(GRID, FLAGS + ["--out", str(out), "--dry-run"], name="full_paper") == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        parts = line.split()
+        if parts and parts[0].startswith(("similar", "dissimilar")):
+            rows[parts[0]] = ("done" if parts[1] == "done" else "to run", parts[-1])
+    return rows
+
+
+def bases_of(table: dict) -> dict:
+    bases = {k.split("-")[1]: k for k in table if "-base" in k}    # {"baseA": key, "baseB": key}
+    assert sorted(bases) == ["baseA", "baseB"] and len(table) == 3, table
+    return bases
+
+
+def seed_finished_bases(out: Path, table: dict, corrupt: str | None = None) -> JobStore:
+    """Records and weights of the two bases, as a finished run leaves them (one file optionally corrupt)."""
+    store = JobStore(str(out))
+    for name, key in bases_of(table).items():
+        uri = store.save_weights(key, {"conv1.weight": torch.zeros(2, 3)})
+        store.write(key, {"metrics": {"top1_final": 0.5, "top1_best10": 0.5, "epochs": 3, "epoch_log": []},
+                          "weights_uri": uri, "config": {"job_key": key, "treatment": name}, "host": "process"})
+        if name == corrupt:
+            (out / "jobstore" / "weights" / key / "state.pt").write_bytes(b"\x80 not a torch file")
+    return store
+
+
+def files(out: Path) -> dict:
+    return {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def check_nothing_trained_nothing_lost(out: Path, before: dict):
+    after = files(out)
+    assert {p: after.get(p) for p in before} == before                          # every file as it was
+    new = set(after) - set(before)
+    assert not [p for p in new if "jobstore" in p.parts or p.name == "tuner.pkl"], sorted(new)
+
+
+def run_main(capsys, argv) -> tuple[int, str]:
+    """The sweep command in this process; Ray (when it connected to --address) is left again."""
+    capsys.readouterr()
+    try:
+        rc = main(GRID, argv, name="full_paper")
+    finally:
+        ray.shutdown()
+    return rc, capsys.readouterr().err
+
+
+def one_error(err: str, *phrases):
+    assert err.count("full_paper.py: error:") == 1, err
+    for phrase in phrases:
+        assert phrase in err, (phrase, err)
+
+
+@pytest.fixture
+def seeded(capsys, env, tmp_path):
+    out = tmp_path / "exp"
+    table = job_table(capsys, out)
+    seed_finished_bases(out, table)
+    return out, files(out)
+
+
+def test_gpus_asked_of_a_cluster_without_gpus(capsys, cluster, seeded):
+    out, before = seeded
+    rc, err = run_main(capsys, FLAGS + ["--out", str(out), "--address", cluster.address, "--gpus-per-trial", "1"])
+    assert rc == 2
+    one_error(err, "--gpus-per-trial 1.0 asks for GPUs but the cluster has none", "drop the flag")
+    check_nothing_trained_nothing_lost(out, before)
+
+
+def test_more_gpus_per_trial_than_any_node_offers(capsys, cluster, seeded):
+    out, before = seeded
+    node = cluster.add_node(num_cpus=0, num_gpus=1)                # a (fake) one-GPU node
+    try:
+        cluster.wait_for_nodes()
+        rc, err = run_main(capsys, FLAGS + ["--out", str(out), "--address", cluster.address,
+                                            "--gpus-per-trial", "2"])
+    finally:
+        cluster.remove_node(node)
+    assert rc == 2
+    one_error(err, "--gpus-per-trial 2.0 is more than any node offers (at most 1)")
+    check_nothing_trained_nothing_lost(out, before)
+
+
+def test_unreachable_ray_address(capsys, env, seeded):
+    out, before = seeded
+    rc, err = run_main(capsys, FLAGS + ["--out", str(out), "--address", "127.0.0.1:1"])
+    assert rc == 2
+    one_error(err, "Ray address 127.0.0.1:1 is unreachable", "start the cluster", "fix --address")
+    check_nothing_trained_nothing_lost(out, before)
+
+
+def test_resume_with_a_different_grid(capsys, cluster, env, tmp_path):
+    """A real interrupted sweep (its driver killed as soon as Tune saved the experiment), then --resume of
+    another grid: refused, naming the experiment there; the interrupted one stays restorable."""
+    from ray.tune import Tuner
+
+    out = tmp_path / "exp"
+    grid = ["--scale", "smoke", "--splits", "dissimilar", "--treatments", "AnB", "--no-report"]
+    proc = subprocess.Popen(SWEEP + grid + ["--n", "1", "--out", str(out), "--address", cluster.address,
+                                            "--gpus-per-trial", "0"],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not list(out.glob("tune-*/tuner.pkl")):
+            assert proc.poll() is None and time.time() < deadline, "the sweep never saved its experiment"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (exp,) = [p.parent for p in out.glob("tune-*/tuner.pkl")]
+    before = files(out)
+
+    rc, err = run_main(capsys, grid + ["--n", "1,2", "--out", str(out), "--resume"])
+    assert rc == 2
+    one_error(err, "--resume: no interrupted sweep of this grid", f"a different grid ({exp.name})",
+              "rerun with the same grid flags")
+    check_nothing_trained_nothing_lost(out, before)
+    assert Tuner.can_restore(str(exp))
+
+
+def test_no_room_for_the_betons(capsys, env, seeded, tmp_path, monkeypatch):
+    """The disk holding the built-in dataset is (simulated) nearly full: refused before any beton is
+    written, and nothing there looks like a finished dataset."""
+    out, before = seeded
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("RAYTRANSFER_CACHE", str(cache))
+    real = shutil.disk_usage
+
+    def nearly_full(path):
+        usage = real(path)
+        return usage._replace(free=1 << 20) if str(path).startswith(str(cache)) else usage
+
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    rc, err = run_main(capsys, FLAGS + ["--out", str(out)])
+    assert rc == 2
+    one_error(err, "cannot prepare the built-in dataset", "GiB free; the betons need about", "RAYTRANSFER_CACHE")
+    leftovers = [p.name for p in cache.rglob("*") if p.is_file()]
+    assert not [n for n in leftovers if n == "manifest.json" or ".beton" in n], leftovers
+    check_nothing_trained_nothing_lost(out, before)
+
+
+def test_corrupt_base_weights_drop_that_base_alone(capsys, cluster, env, tmp_path):
+    """A finished base whose weights file is corrupt (loaded with weights_only=True): the job needing it
+    fails with a clear error without training, the base's record is dropped (and only that one), and
+    the next run retrains that base alone."""
+    out = tmp_path / "exp"
+    table = job_table(capsys, out)
+    bases = bases_of(table)
+    store = seed_finished_bases(out, table, corrupt="baseA")
+    b_record = store.read(bases["baseB"])
+    p = subprocess.run(SWEEP + FLAGS + ["--out", str(out), "--address", cluster.address, "--gpus-per-trial", "0",
+                                        "--max-failures", "0"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    text = p.stdout + p.stderr
+    assert p.returncode == 1, text[-6000:]
+    assert f"dropped the record of base {bases['baseA']}" in text                # the trial's error
+    assert f"the weights of {bases['baseA']} were unreadable (corrupt)" in p.stdout    # the sweep's last word
+    assert "rerun the same command to retrain them alone" in p.stdout
+    recs = JobStore(str(out)).completed(refresh=True)
+    assert set(recs) == {bases["baseB"]} and recs[bases["baseB"]] == b_record   # nothing trained, B kept
+    anb = [k for k in table if k not in bases.values()]
+    assert not (out / "jobstore" / "weights" / anb[0]).exists()
+    after = job_table(capsys, out)                                            # the next run: A alone, then AnB
+    assert after[bases["baseA"]][0] == "to run" and after[bases["baseB"]][0] == "done"
+    assert after[anb[0]] == ("to run", bases["baseA"])

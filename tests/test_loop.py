@@ -1,0 +1,205 @@
+"""The training loop of one trial on a small beton: it learns, reports every epoch and resumes, both in
+the trial's own process and under Ray Train's TorchTrainer (two CPU workers, DDP over gloo)."""
+import copy
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from raytransfer.hosts import load_state, load_weights_uri, save_state
+from raytransfer.loop import best_k_mean
+from raytransfer.prepare import prepare
+from raytransfer.recipes import get_recipe
+from raytransfer.synthetic import SyntheticSpec
+from raytransfer.trial import run_trial
+
+# Four classes, one per superclass (two per family): easy enough to learn in seconds on a CPU.
+SPEC = SyntheticSpec(seed=0, superclasses_per_family=2, classes_per_superclass=1, train_per_class=200,
+                     val_per_class=50)
+# 8 epochs x 25 steps of 32: top-1 0.70-0.79 in-process over 7 runs (chance 0.25; augmentation is unseeded)
+RECIPE = get_recipe("smoke", epochs=8, lr=0.005, warmup_fraction=0.1, milestones=(0.75,))
+CHANCE = 0.25
+CPU = torch.device("cpu")
+EPOCH_KEYS = {"epoch", "train_loss", "val_top1", "val_top5", "images_per_s", "lr", "step"}
+SUMMARY_KEYS = {"top1_final", "top1_best10", "wall_s", "frozen_check", "epochs", "evaluations"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic4")
+    # native 32 px, raw pixels: JPEG at this size cost ~10 points of top-1 here (0.54-0.63 vs 0.70-0.79)
+    manifest = prepare("synthetic", None, out, resolution=None, format="raw", synthetic=SPEC)
+    return out, [c["id"] for c in manifest["classes"]]
+
+
+def trial_spec(dataset, treatment="baseA", n=0, recipe=RECIPE, classes=None, seed=0):
+    data_dir, all_classes = dataset
+    return {"job_key": f"test.{treatment}.n{n}", "data_dir": str(data_dir), "target_classes": classes or all_classes,
+            "treatment": treatment, "n": n, "seed": seed, "recipe": recipe.to_dict()}
+
+
+@pytest.fixture(scope="module")
+def base_run(dataset):
+    """A base trained in-process; every epoch's metrics and a copy of its checkpoint state."""
+    reports = []
+    summary = run_trial(trial_spec(dataset), CPU,
+                        report=lambda m, state: reports.append((dict(m), copy.deepcopy(state))))
+    return summary, reports
+
+
+def test_loop_learns_in_process(base_run):
+    summary, reports = base_run
+    epochs = [m for m, _ in reports]
+    assert [m["epoch"] for m in epochs] == list(range(8))
+    assert all(EPOCH_KEYS <= m.keys() for m in epochs)
+    assert all(m["images_per_s"] > 0 and 0 <= m["val_top1"] <= m["val_top5"] <= 1 for m in epochs)
+    assert [m["lr"] for m in epochs][-1] == pytest.approx(RECIPE.lr * 0.1)       # the step schedule ran
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert SUMMARY_KEYS <= summary.keys() and summary["frozen_check"] is None
+    assert summary["top1_final"] > 2 * CHANCE                                     # clearly above chance
+    history = reports[-1][1]["history"]
+    assert summary["evaluations"] == len(history) == 8 * RECIPE.evals_per_epoch
+    assert summary["top1_best10"] == pytest.approx(best_k_mean([h["val_top1"] for h in history], 10))
+    assert summary["top1_best10"] == pytest.approx(sum(sorted(h["val_top1"] for h in history)[-10:]) / 10)
+
+
+def test_resumed_trial_continues_from_its_checkpoint_epoch(dataset, base_run):
+    summary, reports = base_run
+    k = 5
+    resumed = []
+    again = run_trial(trial_spec(dataset), CPU, report=lambda m, state: resumed.append(dict(m)),
+                      resume_state=reports[k][1])
+    assert [m["epoch"] for m in resumed] == list(range(k + 1, 8))               # only epochs k+1.. trained
+    assert [m["step"] for m in resumed] == [m["step"] for m, _ in reports[k + 1:]]
+    assert [m["lr"] for m in resumed] == [m["lr"] for m, _ in reports[k + 1:]]   # the schedule continued
+    assert again["evaluations"] == summary["evaluations"] and again["steps"] == summary["steps"]
+
+
+def test_resuming_a_finished_trial_trains_nothing(dataset, base_run):
+    summary, reports = base_run
+    calls = []
+    again = run_trial(trial_spec(dataset), CPU, report=lambda m, s: calls.append(m), resume_state=reports[-1][1])
+    assert calls == []
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in reports[-1][1]["model"].items())
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in summary["state_dict"].items())
+    assert again["top1_best10"] == summary["top1_best10"] and again["top1_final"] == summary["top1_final"]
+
+
+@pytest.mark.parametrize("treatment,n,frozen_check", [("BnB", 3, True), ("random_frozen", 2, True),
+                                                      ("BnB+", 2, None)])
+def test_transfer_trials_record_the_frozen_check(dataset, base_run, treatment, n, frozen_check):
+    base = base_run[0]["state_dict"]
+    one_epoch = get_recipe("smoke", epochs=1, lr=0.005)
+    summary = run_trial(trial_spec(dataset, treatment, n, one_epoch), CPU, base_state=base)
+    assert summary["frozen_check"] is frozen_check
+    copied = [f"conv{i}.weight" for i in range(1, n + 1)]
+    same_as_base = [torch.equal(summary["state_dict"][k], base[k]) for k in copied]
+    assert all(same_as_base) if treatment == "BnB" else not any(same_as_base)
+
+
+def test_paper_head_is_as_wide_as_the_dataset(dataset):
+    """head=paper: a 1000-way head on ImageNet; here one output per class of the 4-class dataset."""
+    half = dataset[1][:2]
+    summary = run_trial(trial_spec(dataset, recipe=get_recipe("smoke", epochs=1, head="paper"), classes=half), CPU)
+    assert summary["num_classes"] == 4 and summary["state_dict"]["fc8.weight"].shape[0] == 4
+
+
+def test_weights_uri_round_trip(tmp_path, base_run):
+    save_state(base_run[1][-1][1], tmp_path)
+    assert load_state(tmp_path)["epoch"] == 7
+    weights = load_weights_uri(str(tmp_path))
+    assert all(torch.equal(weights[k], v) for k, v in base_run[0]["state_dict"].items())
+
+
+# --- Ray Train -------------------------------------------------------------------------------------
+
+def train_fn_failing_once(config):
+    """hosts.train_fn_per_worker, except that the first attempt (no checkpoint yet: the same answer on
+    every rank) raises on every rank right after reporting epoch 1. Rank 0 logs `<pid> <epoch>` for
+    each report, so the test sees which attempt reported what."""
+    import os
+    from pathlib import Path
+
+    import ray.train
+
+    from raytransfer import hosts
+
+    rank = ray.train.get_context().get_world_rank()
+    first_attempt = ray.train.get_checkpoint() is None
+    real_report = ray.train.report
+
+    def report(metrics, checkpoint=None, **kwargs):
+        if rank == 0:
+            with open(Path(config["scratch"]) / "reports.log", "a") as f:
+                f.write(f"{os.getpid()} {metrics.get('epoch', 'final')}\n")
+        real_report(metrics, checkpoint=checkpoint, **kwargs)
+        if first_attempt and metrics.get("epoch") == 1:
+            raise RuntimeError("injected failure after epoch 1")
+
+    ray.train.report = report
+    try:
+        return hosts.train_fn_per_worker(config)
+    finally:
+        ray.train.report = real_report
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    import ray.cloudpickle
+
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")          # short: Ray's socket paths must fit 107 bytes
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=200 * 1024**2, _temp_dir=temp_dir)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])     # workers cannot import tests/
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    if saved is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved
+
+
+def test_torch_trainer_learns_checkpoints_and_resumes_after_a_failure(dataset, base_run, local_ray, tmp_path):
+    """Two DDP workers train a transfer (conv1 frozen from the in-process base, the rest fresh) and
+    fail once after epoch 1; the restarted workers continue from epoch 2's checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    save_state(base_run[1][-1][1], base_dir)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    trainer = TorchTrainer(
+        train_fn_failing_once,
+        train_loop_config={"spec": trial_spec(dataset, "BnB", 1), "base_uri": str(base_dir), "scratch": str(scratch)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="t",
+                                       failure_config=ray.train.FailureConfig(max_failures=1)))
+    result = trainer.fit()
+    assert result.error is None
+    attempts = {}                               # pid -> epochs it reported: two attempts, the second resumed
+    for line in (scratch / "reports.log").read_text().splitlines():
+        pid, epoch = line.split()
+        attempts.setdefault(pid, []).append(epoch)
+    assert list(attempts.values()) == [["0", "1"], ["2", "3", "4", "5", "6", "7", "final"]]
+
+    per_epoch = [m for _, m in result.best_checkpoints if "epoch" in m]
+    assert [m["epoch"] for m in per_epoch] == list(range(8))                        # a checkpoint each epoch
+    assert all(EPOCH_KEYS <= m.keys() for m in per_epoch)
+    final = result.metrics
+    assert final["final"] is True and SUMMARY_KEYS <= final.keys() and final["resumed_from_epoch"] == 1
+    assert final["frozen_check"] is True
+    assert final["top1_final"] > 2 * CHANCE and final["evaluations"] == 16
+    assert result.return_value == final
+    with result.checkpoint.as_directory() as d:
+        state = load_state(d)
+    assert state["epoch"] == 7 and len(state["history"]) == 16
+    assert torch.equal(state["model"]["conv1.weight"], base_run[0]["state_dict"]["conv1.weight"])
