@@ -41,14 +41,15 @@ def env():
     """The environment of every command here; the built-in smoke dataset prepared once, before Ray starts."""
     tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     os.makedirs(f"{tmp}/ray")                                # Ray's "current cluster" file: here, not /tmp/ray
+    cache = tempfile.mkdtemp(prefix="rtc", dir="/tmp")
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": tmp,
-                     "RAYTRANSFER_CACHE": tempfile.mkdtemp(prefix="rtc", dir="/tmp")}.items():
+        for k, v in {"RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": tmp, "RAYTRANSFER_CACHE": cache}.items():
             mp.setenv(k, v)
         mp.delenv("RAY_ADDRESS", raising=False)
         assert main(GRID, FLAGS + ["--out", f"{tmp}/dry", "--dry-run"], name="full_paper") == 0
         yield {**os.environ}
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,8 @@ def cluster():
 def env(cluster):
     e = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAYTRANSFER_CACHE": tempfile.mkdtemp(prefix="rtc", dir="/tmp")}
     e.pop("RAY_ADDRESS", None)
-    return e
+    yield e
+    shutil.rmtree(e["RAYTRANSFER_CACHE"], ignore_errors=True)
 
 
 def start(env, cluster, out: Path, *flags) -> tuple[subprocess.Popen, Path]:

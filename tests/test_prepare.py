@@ -42,7 +42,7 @@ def test_synthetic_manifest_describes_betons(synthetic_dataset):
     assert ids == sorted(ids) and len(ids) == spec.num_classes == 8
     assert [c["index"] for c in m["classes"]] == list(range(8))
     assert {c["superclass"] for c in m["classes"]} == set(FAMILIES) and m["superclass_order"] == list(FAMILIES)
-    assert m["settings"] == {"resolution": spec.size, "format": "jpg", "quality": 90}
+    assert m["settings"] == {"resolution": spec.size, "format": "raw", "quality": 90}   # raw: synthetic default
     assert m["counts"]["train"] == {"images": 32, "corrupt": 0, "per_class": [4] * 8}
     assert m["counts"]["val"] == {"images": 16, "corrupt": 0, "per_class": [2] * 8}
     assert len(m["fingerprint"]) == 64 and m["identity"] == {"synthetic": spec.to_dict()}
