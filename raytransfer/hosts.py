@@ -14,7 +14,6 @@ the final weights (the summary is also the per-worker function's return value).
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -97,7 +96,8 @@ def train_fn_per_worker(config: dict):
         import ray
         base_state = ray.get(config["base_ref"][0])            # zero-copy numpy from the object store
     elif config.get("base_uri"):
-        base_state = load_weights_uri(config["base_uri"])
+        from .sweep.store import load_weights
+        base_state = load_weights(config["base_uri"])
     resume, note = resume_state(ray.train.get_checkpoint(), spec["job_key"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -141,13 +141,3 @@ def export_metrics(spec: dict, metrics: dict):
                 _GAUGES[name] = Gauge(f"raytransfer_{name}", description=f"{name} of a raytransfer job, per epoch",
                                       tag_keys=("job_key", "treatment"))
             _GAUGES[name].set(float(metrics[name]), tags=tags)
-
-
-def load_weights_uri(uri: str) -> dict:
-    """Final weights of a finished job from its checkpoint URI (local path or s3://...)."""
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    with tempfile.TemporaryDirectory() as d:
-        pyarrow.fs.copy_files(f"{path}/{STATE_FILE}", os.path.join(d, STATE_FILE), source_filesystem=fs)
-        return load_state(d)["model"]

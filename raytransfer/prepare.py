@@ -18,8 +18,11 @@ import csv
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,13 +301,88 @@ def _write_beton(ds, path: Path, settings: BetonSettings, workers: int, n_classe
     image_field = RGBImageField(write_mode=settings.format, jpeg_quality=settings.quality,
                                 max_resolution=settings.resolution)
     writer = DatasetWriter(str(partial), {"image": image_field, "label": IntField()}, num_workers=workers)
-    writer.from_indexed_dataset(ds, chunksize=max(16, min(256, len(ds) // (4 * workers) or 16)))
+    try:
+        with _WriterWatchdog(path) as watchdog:
+            writer.from_indexed_dataset(ds, chunksize=max(16, min(256, len(ds) // (4 * workers) or 16)))
+    except (OSError, _WriterDied) as e:
+        free = shutil.disk_usage(path.parent).free            # before the partial file's space comes back
+        partial.unlink(missing_ok=True)
+        sm = getattr(writer, "metadata_sm", None)              # FFCV frees its shared memory only on success
+        if hasattr(sm, "unlink"):
+            sm.close()
+            sm.unlink()
+        why = watchdog.failure or f"{type(e).__name__}: {e}"
+        hint = ("the disk is full: free space or choose another --out" if free < 64 * 2**20 else
+                "see the writer's traceback above; rerun to retry (nothing partial is kept)")
+        raise DatasetError(f"writing {path} failed ({why}; {free / 2**20:.1f} MiB were free on its disk): {hint}") from None
     labels = label_column(partial)
     os.replace(partial, path)
     good = labels[labels != CORRUPT_LABEL]
     return {"images": int(len(good)), "corrupt": int((labels == CORRUPT_LABEL).sum()),
             "corrupt_ids": np.flatnonzero(labels == CORRUPT_LABEL).tolist(),
             "per_class": np.bincount(good, minlength=n_classes).tolist()}
+
+
+class _WriterDied(Exception):
+    pass
+
+
+def _raise_writer_died(signum, frame):
+    raise _WriterDied()
+
+
+class _WriterWatchdog:
+    """FFCV's DatasetWriter waits forever when one of its writer processes dies (e.g. ENOSPC in the
+    middle of a beton): watch the processes it starts, and interrupt the wait when one fails."""
+
+    def __init__(self, path: Path, poll_s: float = 0.5):
+        self.path, self.poll_s, self.failure = path, poll_s, None
+        self.processes, self._stop = [], threading.Event()
+
+    def __enter__(self):
+        import ffcv.writer
+
+        watched = self.processes
+
+        class WatchedProcess(multiprocessing.Process):
+            def start(self):
+                watched.append(self)
+                super().start()
+
+        self._patch = (ffcv.writer, ffcv.writer.Process)
+        ffcv.writer.Process = WatchedProcess
+        self._in_main = threading.current_thread() is threading.main_thread()
+        if self._in_main:                                # the writer may be blocked in a read: a real signal
+            self._old_handler = signal.signal(signal.SIGUSR1, _raise_writer_died)
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="beton-writer-watchdog")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        module, original = self._patch
+        module.Process = original
+        if self._in_main:
+            signal.signal(signal.SIGUSR1, self._old_handler)
+        return False
+
+    def _watch(self):
+        while not self._stop.wait(self.poll_s):
+            dead = [p for p in list(self.processes) if p.exitcode not in (None, 0)]
+            if dead:
+                self.failure = f"a writer process exited with code {dead[0].exitcode}"
+                for p in self.processes:
+                    if p.is_alive():
+                        p.terminate()
+                for p in self.processes:
+                    p.join(timeout=10)
+                if self._in_main:                  # interrupts the wait (a sleep loop or a blocking queue read)
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+                else:
+                    log.error("writing %s: %s; the writer (not in the main thread) cannot be interrupted",
+                              self.path, self.failure)
+                return
 
 
 def label_column(beton) -> np.ndarray:

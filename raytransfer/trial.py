@@ -40,9 +40,8 @@ def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, 
     net = build_trial_network(recipe.arch, num_classes, base_state, n, mode, init_seed_for(seed, stream),
                               recipe.arch_kwargs())
     reference = None
-    if mode == "frozen":
-        reference = {k: v for k, v in frozen_state(net).items()}
-        reference = {k: as_tensor(base_state[k]) for k in reference}      # the base's own tensors
+    if mode == "frozen":                               # the base's own tensors, not the copies in `net`
+        reference = {k: as_tensor(base_state[k]) for k in frozen_state(net)}
     elif mode == "random_frozen":
         reference = frozen_state(net)
     if recipe.channels_last:

@@ -256,6 +256,7 @@ def test_science_check_answers_yes_no_and_not_enough_rows():
     assert check["specificity"]["answer"] == "yes"
     assert check["specificity"]["similar_AnB7_minus_base"] == pytest.approx(-0.05)
     assert check["specificity"]["dissimilar_AnB7_minus_base"] == pytest.approx(-0.15)
+    assert "--train-seeds" in check["specificity"]["caution"]             # one network per split
     assert check["random_vs_transfer"]["answer"] == "yes"
     assert check["random_vs_transfer"]["comparisons"] == [{
         "n": 3, "split_kind": "similar", "random_frozen_minus_base": pytest.approx(-0.40),

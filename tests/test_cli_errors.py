@@ -230,3 +230,38 @@ def test_corrupt_base_weights_drop_that_base_alone(capsys, cluster, env, tmp_pat
     after = job_table(capsys, out)                                            # the next run: A alone, then AnB
     assert after[bases["baseA"]][0] == "to run" and after[bases["baseB"]][0] == "done"
     assert after[anb[0]] == ("to run", bases["baseA"])
+
+
+# last: the extra node it starts and stops must not linger into other tests' clusters
+def _can_unshare_mounts() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs `unshare -m` (root) to give a node its own disk")
+def test_storage_a_node_cannot_see(capsys, cluster, env, seeded):
+    """A local --storage on a cluster with a node that has its own disk (a Ray node started in a private
+    mount namespace with an empty tmpfs over the storage folder): refused before anything trains."""
+    out, before = seeded
+    ray_bin = Path(sys.executable).with_name("ray")
+    node = subprocess.Popen(["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {out} && exec {ray_bin} start "
+                             f"--address={cluster.address} --num-cpus=1 --num-gpus=0 --block"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        ray.init(address=cluster.address)
+        deadline = time.time() + 120
+        while sum(n["Alive"] for n in ray.nodes()) < 2:
+            assert node.poll() is None and time.time() < deadline, "the second node never joined"
+            time.sleep(0.5)
+        ray.shutdown()
+        rc, err = run_main(capsys, FLAGS + ["--out", str(out), "--address", cluster.address, "--gpus-per-trial", "0"])
+    finally:
+        ray.shutdown()
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(timeout=60)
+    assert rc == 2
+    one_error(err, f"--storage {out} is not shared: 1 of the cluster's 2 nodes cannot use it", "s3://bucket/prefix",
+              "shared filesystem mounted at the same path on every node")
+    check_nothing_trained_nothing_lost(out, before)

@@ -9,7 +9,8 @@ import tempfile
 import pytest
 import torch
 
-from raytransfer.hosts import load_state, load_weights_uri, save_state
+from raytransfer.hosts import load_state, save_state
+from raytransfer.sweep.store import load_weights
 from raytransfer.loop import best_k_mean
 from raytransfer.prepare import prepare
 from raytransfer.recipes import get_recipe
@@ -110,7 +111,7 @@ def test_paper_head_is_as_wide_as_the_dataset(dataset):
 def test_weights_uri_round_trip(tmp_path, base_run):
     save_state(base_run[1][-1][1], tmp_path)
     assert load_state(tmp_path)["epoch"] == 7
-    weights = load_weights_uri(str(tmp_path))
+    weights = load_weights(str(tmp_path))
     assert all(torch.equal(weights[k], v) for k, v in base_run[0]["state_dict"].items())
 
 

@@ -278,3 +278,29 @@ def test_cli_one_error_line(folder_tree, folder_dataset, tmp_path, capsys):
     assert main(["prepare", "folder", str(folder_tree), "--out", str(out), "--resolution", "32"]) == 0
     assert m["fingerprint"][:12] in capsys.readouterr().out                # same settings: the fast path
     assert json.loads((out / "manifest.json").read_text()) == m
+
+
+def _can_mount_tmpfs(where) -> bool:
+    import subprocess
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.timeout(300)
+def test_disk_full_while_writing_a_beton(tmp_path, monkeypatch):
+    """A disk that fills up *during* a beton write (a real 4 MiB tmpfs; the free-space estimate is
+    bypassed): FFCV's writer process dies with ENOSPC. One clear error instead of a wait forever;
+    nothing partial is left that could pass as a dataset."""
+    import subprocess
+    small = tmp_path / "small"
+    small.mkdir()
+    if not _can_mount_tmpfs(small):
+        pytest.skip("needs permission to mount a tmpfs (root)")
+    try:
+        monkeypatch.setattr(prep, "_check_free_space", lambda *a: None)
+        spec = SyntheticSpec(train_per_class=120, val_per_class=2, superclasses_per_family=2, classes_per_superclass=2)
+        with pytest.raises(DatasetError, match=r"train.beton failed .*the disk is full: free space or choose another"):
+            prepare("synthetic", None, small / "data", resolution=64, format="raw", synthetic=spec, workers=2)
+        assert not list((small / "data").glob("*.partial")) and not (small / "data" / "manifest.json").exists()
+    finally:
+        subprocess.run(["umount", "--lazy", str(small)], check=False)

@@ -109,6 +109,23 @@ def test_searcher_seeded_from_the_job_store_skips_finished_jobs():
 # ---------------------------------------------------------------------------------------------
 # Real sweeps on a local Ray (2 CPUs), smoke scale, a small grid
 
+def test_progress_line_counts_running_trials_and_estimates_what_is_left(capsys):
+    """The console line: a trial that just completed is not counted as running (Tune still says
+    RUNNING in that callback); the ETA is the jobs left x the mean trial length / concurrency."""
+    from types import SimpleNamespace
+
+    from raytransfer.sweep.tuning import SweepProgress
+
+    progress = SweepProgress(total=5, done=1, concurrency=2)
+    trials = [SimpleNamespace(status="RUNNING", last_result={"wall_s": 60.0}) for _ in range(2)]
+    progress.on_trial_complete(0, trials, trials[0])
+    assert capsys.readouterr().out.strip() == "[sweep] 2/5 jobs done, 1 running, 0 failed, ETA 0:01:30"
+    trials[0].status = "TERMINATED"
+    trials[1].last_result = {"wall_s": 120.0}
+    progress.on_trial_complete(0, trials, trials[1])
+    assert capsys.readouterr().out.strip() == "[sweep] 3/5 jobs done, 0 running, 0 failed, ETA 0:01:30"
+
+
 @pytest.fixture(scope="module")
 def sweep_env():
     cache = tempfile.mkdtemp(prefix="rtc", dir="/tmp")

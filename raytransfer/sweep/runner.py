@@ -41,7 +41,7 @@ class Scale:
 SCALES = {
     "smoke": Scale("smoke", SyntheticSpec(superclasses_per_family=2, classes_per_superclass=3, train_per_class=60,
                                           val_per_class=20)),
-    "demo": Scale("demo", SyntheticSpec(classes_per_superclass=3, train_per_class=240)),
+    "demo": Scale("demo", SyntheticSpec(classes_per_superclass=3, train_per_class=160)),
     "paper": Scale("paper", None, (0, 1, 2, 3)),
     "fast": Scale("fast", None, (0, 1, 2, 3)),
 }

@@ -10,9 +10,12 @@ import logging
 import os
 import sys
 import time
+import uuid
+from pathlib import Path
 
 import ray
 from ray import tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .registry import fetch_base, get_or_create_registry, publish
 from .searcher import DependencySearcher
@@ -28,6 +31,8 @@ def run_job(config: dict):
     from ..hosts import run_in_tune_process, summary_metrics
 
     key, spec = config["job_key"], config["spec"]
+    for quiet in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(quiet).setLevel(logging.WARNING)     # one "Checkpoint created" line per epoch is noise
     store = JobStore(config["storage"])
     record = store.read(key)
     if record is not None:                         # finished before (e.g. the driver died after): never retrain
@@ -119,27 +124,25 @@ class SweepProgress(tune.Callback):
         wall = (trial.last_result or {}).get("wall_s")
         if wall:
             self.walls.append(wall)
-        self._print(trials, force=True)
+        self._print(trials, force=True, ending=trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.failed += 1
-        self._print(trials, force=True)
+        self._print(trials, force=True, ending=trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._print(trials)
 
-    def _print(self, trials, force=False):
+    def _print(self, trials, force=False, ending=None):
         now = time.time()
         if not force and now - self.last < self.every_s:
             return
-        self.last = now
-        running = sum(t.status == "RUNNING" for t in trials)
+        self.last = now                                # a trial that just ended is still RUNNING in Tune's books
+        running = sum(t.status == "RUNNING" and t is not ending for t in trials)
         left = self.total - self.done - self.failed
-        finished_here = self.done - self.done0
         eta = ""
-        if finished_here and left > 0:
-            per_job = (now - self.t0) / finished_here
-            eta = f", ETA {_hms(per_job * left)}"
+        if self.walls and left > 0:                    # jobs left x their mean length, `concurrency` at a time
+            eta = f", ETA {_hms(sum(self.walls) / len(self.walls) * left / self.concurrency)}"
         print(f"[sweep] {self.done}/{self.total} jobs done, {running} running, {self.failed} failed{eta}",
               flush=True)
 
@@ -195,11 +198,72 @@ def check_resources(args) -> tuple[str, int]:
     return host, max(1, concurrency)
 
 
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "fuse", "9p", "beegfs", "glusterfs")
+
+
+def check_storage(storage: str, args):
+    """A local --storage must be one folder that every node sees: trials on any node write their
+    checkpoints and records there. Probed on the nodes alive now; a warning for nodes added later."""
+    from .runner import SweepError
+
+    if "://" in storage:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        token = uuid.uuid4().hex
+        marker = Path(storage) / f".node-probe-{token}"
+        marker.write_text(token)
+        try:
+            probes = [_storage_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                                             ).remote(str(marker), token) for n in nodes]
+            answers = ray.get(probes, timeout=120)
+        finally:
+            marker.unlink(missing_ok=True)
+        blind = [f"{n['NodeManagerAddress']} ({n['NodeID'][:8]}): {why}" for n, why in zip(nodes, answers) if why]
+        if blind:
+            raise SweepError(f"--storage {storage} is not shared: {len(blind)} of the cluster's {len(nodes)} nodes "
+                             f"cannot use it ({'; '.join(blind[:3])}), so trials there could not save checkpoints "
+                             "or records. Use storage every node shares: s3://bucket/prefix (see cluster.yaml) or a "
+                             "shared filesystem mounted at the same path on every node")
+    fstype = _filesystem_type(storage)
+    if args.address and fstype and not fstype.startswith(NETWORK_FILESYSTEMS):
+        print(f"[sweep] warning: --storage {storage} is on a local {fstype} disk of this machine; nodes that join "
+              "later (autoscaling) will not see it. Use s3://... or a shared filesystem on a multi-node cluster.",
+              flush=True)
+
+
+@ray.remote(num_cpus=0)
+def _storage_probe(marker: str, token: str) -> str | None:
+    """On one node: None if the driver's marker file is there and the folder is writable, else why not."""
+    try:
+        if Path(marker).read_text() != token:
+            return "sees a different folder at that path"
+        mine = Path(f"{marker}-{os.getpid()}")
+        mine.write_text("ok")
+        mine.unlink()
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return None
+
+
+def _filesystem_type(path: str) -> str | None:
+    """The filesystem type of `path` from /proc/mounts (Linux), None when unknown."""
+    try:
+        mounts = [line.split()[1:3] for line in open("/proc/mounts")]
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best = max((m for m in mounts if real == m[0] or real.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best else None
+
+
 def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, args):
     """[3] Ray and the registry, [4] one Tuner.fit() (or Tuner.restore with --resume)."""
     init_ray(args)
     try:
         host, concurrency = check_resources(args)
+        check_storage(storage, args)
         get_or_create_registry()
         todo = [j for j in jobs if j.key not in done]
         print(f"[sweep] {len(jobs)} jobs, {len(jobs) - len(todo)} done, {len(todo)} to run; host={host}, "
@@ -215,6 +279,9 @@ def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, ar
                      "max_failures": args.max_failures}
         progress = SweepProgress(len(jobs), len(jobs) - len(todo), concurrency)
         exp_path = f"{storage.rstrip('/')}/{exp_name}"
+        # num_to_keep forces an experiment snapshot every few checkpoints; with short trials Tune warns
+        # about it on every snapshot. The snapshot is what makes --resume safe: keep it, drop the warning.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         if args.resume:
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
         else:
