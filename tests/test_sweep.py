@@ -84,6 +84,22 @@ def test_searcher_finishes_with_a_reason_when_a_base_fails():
     assert first[0] in s.blocked_reason and "cannot run" in s.blocked_reason
 
 
+def test_searcher_given_transfers_without_their_bases():
+    """A sweep of transfers alone (their bases left out, e.g. bases first, then the rest): bases
+    finished in the store release them; bases that are nowhere end the sweep with the reason."""
+    jobs = tiny_jobs(ns=(1,), treatments=("AnB", "BnB"))
+    bases = [j for j in jobs if j.treatment in ("baseA", "baseB")]
+    transfers = [j for j in jobs if j not in bases]
+    s = DependencySearcher(transfers, done={b.key: f"/w/{b.key}" for b in bases})
+    released = [s.suggest(f"t{i}") for i in range(len(transfers))]
+    assert {c["job_key"] for c in released} == {t.key for t in transfers}
+    assert s.suggest("again") == Searcher.FINISHED and s.blocked_reason is None
+
+    s = DependencySearcher(transfers)                                  # bases neither here nor done
+    assert s.suggest("t0") == Searcher.FINISHED                        # at once: nothing can ever run
+    assert "not a job of this sweep and not in the job store" in s.blocked_reason
+
+
 def test_searcher_state_survives_save_and_restore(tmp_path):
     jobs = tiny_jobs()
     s = DependencySearcher(jobs)
@@ -108,6 +124,20 @@ def test_searcher_seeded_from_the_job_store_skips_finished_jobs():
 
 # ---------------------------------------------------------------------------------------------
 # Real sweeps on a local Ray (2 CPUs), smoke scale, a small grid
+
+def test_job_store_writes_into_a_fresh_storage_folder(tmp_path):
+    """A record written where no folder exists yet (nobody ran check_writable) lands and reads back:
+    a finished trial must never fail on its last step."""
+    from raytransfer.sweep.store import JobStore, load_weights
+    import torch
+
+    store = JobStore(str(tmp_path / "fresh"))
+    uri = store.save_weights("k", {"w": torch.ones(2)})
+    store.write("k", {"metrics": {"top1_final": 0.5}, "weights_uri": uri})
+    again = JobStore(str(tmp_path / "fresh"))
+    assert again.read("k")["metrics"] == {"top1_final": 0.5} and set(again.completed()) == {"k"}
+    assert torch.equal(load_weights(uri)["w"], torch.ones(2))
+
 
 def test_progress_line_counts_running_trials_and_estimates_what_is_left(capsys):
     """The console line: a trial that just completed is not counted as running (Tune still says

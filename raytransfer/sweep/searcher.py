@@ -25,7 +25,8 @@ class DependencySearcher(Searcher):
                                                               "target": j.target_half, "spec": j.spec}}
                      for j in jobs}
         self.order = [j.key for j in jobs]
-        self.done = {k: v for k, v in (done or {}).items() if k in self.jobs}   # key -> weights URI
+        needed = set(self.jobs) | {d for job in self.jobs.values() for d in job["deps"]}
+        self.done = {k: v for k, v in (done or {}).items() if k in needed}   # key -> weights URI
         self.issued, self.trial_to_key, self.failed = {}, {}, {}
         self.blocked_reason = None
 
@@ -46,18 +47,27 @@ class DependencySearcher(Searcher):
         blocked = [k for k in self.order if k not in self.done and k not in self.issued]
         if blocked and self.blocked_reason is None:
             dead = sorted({d for k in blocked for d in self.jobs[k]["deps"] if self._dead(d)})
-            self.blocked_reason = (f"{len(blocked)} job(s) cannot run because their base failed: "
-                                   + ", ".join(f"{d} ({self.failed.get(d, 'failed')})" for d in dead))
+            self.blocked_reason = (f"{len(blocked)} job(s) cannot run because their base failed or is missing: "
+                                   + ", ".join(f"{d} ({self._why(d)})" for d in dead))
             log.error(self.blocked_reason)
         return Searcher.FINISHED
 
     def _dead(self, key) -> bool:
-        """A dependency that failed for good, or one that can never run itself."""
+        """A dependency that failed for good, is neither a job here nor done, or can never run itself."""
         if key in self.failed:
             return True
         if key in self.done or key in self.issued:
             return False
-        return any(self._dead(d) for d in self.jobs.get(key, {}).get("deps", []))
+        if key not in self.jobs:
+            return True
+        return any(self._dead(d) for d in self.jobs[key]["deps"])
+
+    def _why(self, key) -> str:
+        if key in self.failed:
+            return self.failed[key]
+        if key not in self.jobs:
+            return "not a job of this sweep and not in the job store"
+        return "its own base cannot run"
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         key = self.trial_to_key.get(trial_id) or (result or {}).get("config/job_key")

@@ -63,6 +63,7 @@ class JobStore:
 
     def write(self, key: str, record: dict):
         record = {**record, "job_key": key, "recorded_at": time.time()}
+        self.fs.create_dir(f"{self.root}/{RECORDS}", recursive=True)    # a trial must never fail on a missing folder
         self._atomic_write(f"{self.root}/{RECORDS}/{key}.json", json.dumps(record, default=str).encode())
         if self._cache is not None:
             self._cache[key] = record
