@@ -47,8 +47,10 @@ def load_state(directory) -> dict:
 
 
 def summary_metrics(summary: dict) -> dict:
-    """The scalar part of a trial summary, as reported (weights travel in checkpoints)."""
-    return {k: v for k, v in summary.items() if k != "state_dict"} | {"final": True}
+    """The scalar part of a trial summary, as reported (weights travel in checkpoints). It carries
+    `val_top1` (= the final top-1) like every epoch's report: Tune checks each report for the
+    searcher's metric."""
+    return {k: v for k, v in summary.items() if k != "state_dict"} | {"final": True, "val_top1": summary.get("top1_final")}
 
 
 def run_in_tune_process(spec: dict, base_state: dict | None, num_threads: int = 1) -> dict:

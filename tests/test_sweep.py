@@ -213,6 +213,22 @@ def test_sweep_trains_bases_once_transfers_after_them_and_reruns_nothing(sweep_e
     assert sorted(after[k]["config"]["n"] for k in set(after) - set(before)) == [3, 3]
 
 
+def test_sweep_under_ray_train_host(sweep_env, tmp_path):
+    """The cluster path: every job as a Ray Train TorchTrainer run (what GPU or multi-worker trials
+    use), here on CPU with one worker: all rows done, the transfer after its base and with the
+    base's frozen layers intact."""
+    out = tmp_path / "exp"
+    run_sweep(sweep_env, out, "--n", "1", "--treatments", "AnB", "--host", "train")
+    recs = records(out)
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == len(recs) == 3 and (table.status == "done").all()
+    assert {r["host"] for r in recs.values()} == {"train"}
+    (anb,) = table[table.treatment == "AnB"].itertuples()
+    assert recs[anb.job_key]["started_at"] >= recs[anb.base_job_key]["finished_at"]
+    assert anb.frozen_check == True and anb.top1_final > 0               # noqa: E712
+    assert recs[anb.job_key]["metrics"]["epochs"] == get_recipe("smoke").epochs
+
+
 def test_driver_killed_mid_sweep_resumes_without_retraining_a_base(sweep_env, tmp_path):
     out = tmp_path / "exp"
     cmd = SWEEP + GRID_FLAGS + ["--out", str(out), "--n", "1,2,3"]
