@@ -95,6 +95,7 @@ def main():
     lines = [f"Grid: `sweeps/full_paper.py --scale {args.scale} {args.grid_flags}`, {base['jobs']} jobs, "
              f"local Ray with {args.cpus} CPUs, one CPU per trial. Machine: {machine()}. "
              f"Date: {time.strftime('%Y-%m-%d')}. Command: `python benchmarks/sweep_overhead.py --scale {args.scale}"
+             f"{' --modes ' + args.modes if args.modes != p.get_default('modes') else ''}"
              f"{' --grid-flags ' + repr(args.grid_flags) if args.grid_flags else ''}`.", "",
              "| mode | wall s | sum of trial wall s | sum of train s | overhead (wall x CPUs / train s) | "
              "scheduling (wall x CPUs / trial wall s) | wall vs dependency |",

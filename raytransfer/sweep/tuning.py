@@ -113,15 +113,16 @@ class SweepProgress(tune.Callback):
     """One console line: jobs done / total, running, failed, an ETA; at most every `every_s` seconds."""
 
     def __init__(self, total: int, done: int, concurrency: int, every_s: float = 10.0):
-        self.total, self.done0, self.concurrency, self.every_s = total, done, max(1, concurrency), every_s
+        self.total, self.concurrency, self.every_s = total, max(1, concurrency), every_s
         self.done = done
         self.failed = 0
-        self.t0, self.last = time.time(), 0.0
+        self.last = 0.0
         self.walls = []
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
-        wall = (trial.last_result or {}).get("wall_s")
+        last = trial.last_result or {}
+        wall = last.get("time_total_s") or last.get("wall_s")      # Tune's clock includes a trial's start-up
         if wall:
             self.walls.append(wall)
         self._print(trials, force=True, ending=trial)
