@@ -90,9 +90,11 @@ def _run_under_train(config, spec, base_state):
 
 
 def _scalars(metrics: dict) -> dict:
-    """The scalar metrics of a final report (the searcher's metric, val_top1, is the final top-1)."""
-    out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str)) or v is None}
-    return {**out, "val_top1": metrics.get("top1_final")}
+    """The scalar metrics of a final report, through the hosts' one rule (val_top1 = the final top-1),
+    also for records written before that rule travelled with them."""
+    from ..hosts import summary_metrics
+
+    return {k: v for k, v in summary_metrics(metrics).items() if isinstance(v, (int, float, bool, str)) or v is None}
 
 
 def _versions() -> dict:
