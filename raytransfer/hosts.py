@@ -1,15 +1,16 @@
 """Two hosts for the one training loop: the Tune trial's own process, or Ray Train workers (DDP).
 
-Both report every epoch with a checkpoint (the loop's state, written by rank 0) and resume from
-the last reported checkpoint when the trial or a worker restarts. The last report of a trial
+Both report every epoch, with a checkpoint (the loop's state, written by rank 0) every
+`checkpoint_minutes` and after the last epoch, and resume from the last checkpoint when the trial
+restarts. Nothing here imports the sweep: the base weights come through a `load_base` callable. The last report of a trial
 carries its summary (top1_best10, frozen_check, ...) with `final=True`; under Ray Train it also
 carries the final state's checkpoint, so `result.metrics` is the summary and `result.checkpoint`
 the final weights (the summary is also the per-worker function's return value).
 
-    # inside a Tune function trainable (tiny CPU trial):
-    summary = run_in_tune_process(spec, base_state)
-    # as Ray Train's per-worker function:
-    TorchTrainer(train_fn_per_worker, train_loop_config={"spec": spec, "base_uri": uri}, ...)
+    # inside a Tune function trainable (one worker, CPU or one GPU):
+    summary = run_in_tune_process(spec, load_base)
+    # as Ray Train's per-worker function (several workers, DDP):
+    TorchTrainer(train_fn_per_worker, train_loop_config={"spec": spec, "load_base": load_base}, ...)
 """
 from __future__ import annotations
 
@@ -53,21 +54,138 @@ def summary_metrics(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k != "state_dict"} | {"final": True, "val_top1": summary.get("top1_final")}
 
 
-def run_in_tune_process(spec: dict, base_state: dict | None, num_threads: int = 1) -> dict:
-    """Host 1: the loop inside the Tune trial's own process (one CPU, no process group)."""
+class TrialSetupError(RuntimeError):
+    """This trial cannot run on this node as configured (no CUDA for a GPU trial, another dataset at
+    the spec's path): retrying will not help, so the job fails at once with this message."""
+
+
+def node_id() -> str:
+    import ray
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "(no Ray: this machine)"
+
+
+def gpus_held() -> float:
+    """GPUs this process holds from Ray (fractions included; 0 outside a GPU task or actor)."""
+    import ray
+    if not ray.is_initialized():
+        return 0.0
+    ctx = ray.get_runtime_context()
+    held = ctx.get_assigned_resources()
+    gpus = sum(v for k, v in held.items() if k == "GPU" or (k.startswith("GPU_group_") and k.count("_") == 2))
+    return float(gpus or len(ray.get_gpu_ids()))
+
+
+def node_is_test_cluster() -> bool:
+    """The node carries the test-cluster resource (clusters/local-autoscaling.yaml): its GPUs may be fake."""
+    import ray
+    if not ray.is_initialized():
+        return False
+    here = node_id()
+    for n in ray.nodes():
+        if n["NodeID"] == here:
+            return n["Resources"].get("raytransfer_test_cluster", 0) > 0
+    return False
+
+
+def training_device(held: float) -> torch.device:
+    """CUDA for a trial that holds GPUs; the CPU for one that holds none. A GPU trial on a node without
+    CUDA trains on the CPU only on a test cluster: anywhere else that is a configuration error."""
+    if held <= 0:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if node_is_test_cluster():
+        log.warning("holding %g GPU(s) of a test cluster without CUDA: training on the CPU", held)
+        return torch.device("cpu")
+    import os
+    raise TrialSetupError(
+        f"this trial holds {held:g} GPU(s) on node {node_id()} but CUDA is not available there (torch "
+        f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): install a CUDA build of torch and the NVIDIA driver "
+        "on the GPU nodes (cluster.yaml's image does), or run CPU trials with --gpus-per-trial 0. raytransfer "
+        "never trains a GPU trial on the CPU, except on a test cluster (nodes with the raytransfer_test_cluster "
+        "resource)")
+
+
+def ensure_dataset(spec: dict):
+    """The dataset the spec names, on this node: the built-in synthetic one is prepared here when this
+    node lacks it (deterministic from its spec); any dataset must carry the spec's fingerprint."""
+    import fcntl
+
+    from .prepare import DatasetError, prepare, read_manifest
+
+    data_dir = Path(spec["data_dir"])
+    manifest = read_manifest(data_dir, missing_ok=True)
+    if manifest is None and spec.get("synthetic"):
+        from .synthetic import SyntheticSpec
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{data_dir}.lock", "w") as lock:         # trials of one node prepare it once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            log.info("preparing the built-in dataset on node %s: %s", node_id(), data_dir)
+            manifest = prepare("synthetic", None, data_dir, resolution=None, synthetic=SyntheticSpec(**spec["synthetic"]))
+    want = spec.get("dataset_fingerprint")
+    if manifest is None:
+        raise TrialSetupError(f"node {node_id()} has no prepared dataset at {data_dir}: stage the betons at the "
+                              "same path on every node (docs/cluster.md: `aws s3 sync` in the setup commands), or "
+                              "point --data at a shared filesystem")
+    if want and manifest.get("fingerprint") != want:
+        raise TrialSetupError(f"node {node_id()} holds another dataset at {data_dir} (fingerprint "
+                              f"{str(manifest.get('fingerprint'))[:12]}, the job expects {want[:12]}): stage the "
+                              "same prepared betons on every node, or rerun the sweep against the dataset there")
+    try:
+        from .prepare import verify_betons
+        verify_betons(data_dir, manifest)
+    except DatasetError as e:
+        raise TrialSetupError(f"node {node_id()}: {e}") from None
+
+
+class Checkpointer:
+    """When a report carries a checkpoint: every `minutes` of training (0: every epoch) and after the
+    last epoch. Counts what it writes, for the job's record."""
+
+    def __init__(self, minutes: float):
+        import time
+        self.every_s, self.clock = minutes * 60, time.monotonic
+        self.last, self.count, self.bytes = self.clock(), 0, 0
+
+    def due(self, metrics: dict) -> bool:
+        last_epoch = metrics.get("epochs") is not None and metrics["epoch"] + 1 >= metrics["epochs"]
+        return last_epoch or self.clock() - self.last >= self.every_s
+
+    def save(self, state: dict, directory) -> Path:
+        path = save_state(state, directory)
+        self.last, self.count, self.bytes = self.clock(), self.count + 1, self.bytes + path.stat().st_size
+        return path
+
+    def note(self) -> dict:
+        return {"checkpoints_written": self.count, "checkpoint_bytes": self.bytes}
+
+
+def run_in_tune_process(spec: dict, load_base=None, num_threads: int = 1, checkpoint_minutes: float = 10.0) -> dict:
+    """Host 1: the loop inside the Tune trial's own process (one worker: CPU, or the GPU Tune gave it).
+    `load_base()` returns (base weights, where they came from); the sweep hands it in."""
     import ray.tune
 
     torch.set_num_threads(num_threads)
+    held = gpus_held()
+    device = training_device(held)
+    ensure_dataset(spec)
+    base_state, via = load_base() if load_base else (None, None)
     resume, note = resume_state(ray.tune.get_checkpoint(), spec["job_key"])
+    ckpt = Checkpointer(checkpoint_minutes)
 
     def report(metrics, state):
         export_metrics(spec, metrics)
         with tempfile.TemporaryDirectory() as d:
-            save_state(state, d)
-            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(d))
+            checkpoint = None
+            if ckpt.due(metrics):
+                ckpt.save(state, d)
+                checkpoint = ray.tune.Checkpoint.from_directory(d)
+            ray.tune.report(metrics, checkpoint=checkpoint)
 
-    summary = run_trial(spec, torch.device("cpu"), base_state, report, resume, num_workers=num_threads)
-    return {**summary, **note}
+    summary = run_trial(spec, device, base_state, report, resume, num_workers=num_threads)
+    return {**summary, **note, **ckpt.note(), "base_weights_via": via, "node_id": node_id(), "gpus_held": held,
+            "device": str(device)}
 
 
 def resume_state(ckpt, job_key: str) -> tuple[dict | None, dict]:
@@ -88,44 +206,50 @@ def resume_state(ckpt, job_key: str) -> tuple[dict | None, dict]:
 
 
 def train_fn_per_worker(config: dict):
-    """Host 2: Ray Train's per-worker function (DDP over the TorchTrainer's workers)."""
+    """Host 2: Ray Train's per-worker function (DDP over the TorchTrainer's workers). Each worker reads
+    the base weights itself through `config["load_base"]` (the object store: once per node)."""
     import ray.train
     import ray.train.torch
 
     spec = config["spec"]
-    base_state = None
-    if config.get("base_ref"):
-        import ray
-        base_state = ray.get(config["base_ref"][0])            # zero-copy numpy from the object store
-    elif config.get("base_uri"):
-        from .sweep.store import load_weights
-        base_state = load_weights(config["base_uri"])
-    resume, note = resume_state(ray.train.get_checkpoint(), spec["job_key"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    held = gpus_held()
+    device = ray.train.torch.get_device() if held > 0 and torch.cuda.is_available() else training_device(held)
+    ensure_dataset(spec)
+    load_base = config.get("load_base")
+    base_state, via = load_base() if load_base else (None, None)
+    resume, note = resume_state(ray.train.get_checkpoint(), spec["job_key"])
     threads = max(1, int(config.get("cpus_per_worker", 1)))
     torch.set_num_threads(threads)
-
+    ckpt = Checkpointer(config.get("checkpoint_minutes", 10.0))
     last = {"state": resume}
 
-    def report(metrics, state):
+    def report(metrics, state, force=False):
         last["state"] = state
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
+            due = force or ckpt.due(metrics)
             if rank == 0:
                 export_metrics(spec, metrics)
-                save_state(state, d)
-                checkpoint = ray.train.Checkpoint.from_directory(d)
+                if due:
+                    ckpt.save(state, d)
+                    checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
     wrap = ray.train.torch.prepare_model if world > 1 else None
     summary = run_trial(spec, device, base_state, report, resume, distributed=world > 1, wrap_model=wrap,
                         num_workers=threads)
+    total_gpus = held
+    if world > 1:                                      # GPUs held by the whole worker group
+        t = torch.tensor([held], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        total_gpus = float(t.item())
     # The summary goes out with a checkpoint of the final state: in Ray 2.60 `Result.metrics` holds the
     # metrics of the latest *checkpointed* report, so a summary reported alone never reached it.
-    final = summary_metrics({**summary, **note})
-    report(final, last["state"])
+    final = summary_metrics({**summary, **note, **ckpt.note(), "base_weights_via": via, "node_id": node_id(),
+                             "gpus_held": total_gpus, "device": str(device)})
+    report(final, last["state"], force=True)
     return final
 
 

@@ -130,7 +130,7 @@ def fit(model, recipe: Recipe, loaders, device, state: dict | None = None, repor
     evals = [round(steps_per_epoch * (k + 1) / recipe.evals_per_epoch) for k in range(recipe.evals_per_epoch)]
     for epoch in range(start_epoch, epochs):
         set_epoch(loaders.train, epoch)
-        metrics = {"epoch": epoch, "train_loss": 0.0, "lr": 0.0}
+        metrics = {"epoch": epoch, "epochs": epochs, "train_loss": 0.0, "lr": 0.0}
         seen = secs = 0.0
         batches = iter(loaders.train)
         try:

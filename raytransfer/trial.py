@@ -68,6 +68,7 @@ def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, 
     if check is not None and not check["ok"]:
         log.error("frozen layers changed during training: %s", check["mismatched"][:5])
     summary.update(frozen_check=None if check is None else check["ok"],
+                   frozen_mismatched=[] if check is None else list(check["mismatched"]),
                    train_images_per_s=_mean([m["images_per_s"] for m in epoch_log]), epoch_log=epoch_log,
                    wall_s=time.time() - t0, num_classes=num_classes)
     summary["state_dict"] = {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()}

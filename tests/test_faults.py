@@ -215,7 +215,17 @@ def test_b_removed_worker_node_moves_its_trial_and_the_sweep_completes(cluster, 
 
 
 def snapshot_checkpoints(out, old_experiments: set) -> dict:
-    """{job key: epoch} of the new trials whose last checkpoint Tune's latest experiment snapshot knows."""
+    """{job key: epoch} of the new trials whose checkpoint Tune's latest experiment snapshot has registered.
+
+    Read from the snapshot's checkpoint manager, which is what Tuner.restore hands a trial back
+    (TuneController._restore_trials -> Trial.latest_checkpoint_result), not from
+    `last_result.checkpoint_dir_name`: Tune records a checkpointed result and snapshots in the same
+    controller step, but registers its checkpoint one step later (when the trial's `save` task
+    returns), so a snapshot can name checkpoint k in `last_result` while its manager does not hold
+    it yet; a driver killed then resumes that trial without it (from k-1, or from scratch).
+    """
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
     found = {}
     for f in Path(out).glob("tune-*/experiment_state-*.json"):
         if f.parent.name in old_experiments:
@@ -226,8 +236,10 @@ def snapshot_checkpoints(out, old_experiments: set) -> dict:
             continue
         for _, meta in trials:
             last = json.loads(meta).get("last_result") or {}
-            if last.get("checkpoint_dir_name"):
-                found[last["config"]["job_key"]] = last["epoch"]
+            manager = _TrainingRunMetadata.from_json_state(meta).checkpoint_manager
+            registered = manager.latest_checkpoint_result if manager is not None else None
+            if registered is not None and last.get("config"):
+                found[last["config"]["job_key"]] = registered.metrics["epoch"]
     return found
 
 

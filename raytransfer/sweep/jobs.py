@@ -62,6 +62,7 @@ class Dataset:
     fingerprint: str
     classes: list
     superclass_order: list | None
+    synthetic: dict | None = None             # the built-in dataset's spec: a node without it prepares it
 
 
 def expand_axes(param_space: dict) -> list[dict]:
@@ -132,5 +133,5 @@ def _job(dataset, split, sid, kind, split_seed, seed, recipe, treatment, source,
     key = f"{name}-{digest}".replace("+", "p")
     spec = {"job_key": key, "data_dir": dataset.data_dir, "dataset_fingerprint": dataset.fingerprint,
             "target_classes": half_classes(split, target), "treatment": treatment, "n": n, "seed": seed,
-            "recipe": recipe.to_dict()}
+            "recipe": recipe.to_dict(), "synthetic": dataset.synthetic}
     return Job(key, treatment, kind, split_seed, seed, source, target, n, base_key, spec)

@@ -1,12 +1,15 @@
-"""Base weights through the Ray object store: a named, detached actor owns them.
+"""Base weights through the Ray object store: a named, detached actor owns them, one per sweep.
 
-The driver script creates the registry (an actor created inside a trial dies with the trial's
-placement group); a finished base sends its weights as numpy arrays, the actor `ray.put`s them, and
-dependent trials read them zero-copy on the same node. The checkpoint URI in the job store is the
-fallback when the actor or the cluster is gone. Configs carry keys and URIs, never ObjectRefs.
+The driver creates the registry (an actor created inside a trial dies with the trial's placement
+group); a finished base sends its weights as numpy arrays, the actor `ray.put`s them once, and every
+dependent reads them by key: zero-copy on the node that holds them, one pull per other node. The
+driver drops a base once every dependent of it in the sweep is done, and removes the registry when
+the sweep ends, so nothing of a finished sweep stays in a long-lived cluster's object store. The
+weights file in the job store is the fallback when the actor or its node is gone. Configs carry
+keys and URIs, never ObjectRefs.
 
-    registry = get_or_create_registry()          # in the driver
-    base_state = fetch_base(key, uri)            # in a trial
+    registry = get_or_create_registry(name)          # in the driver
+    base_state, via = fetch_base(name, key, uri)     # in a trial or a Train worker
 """
 from __future__ import annotations
 
@@ -17,7 +20,11 @@ import ray
 
 log = logging.getLogger(__name__)
 
-NAME, NAMESPACE = "raytransfer-weights", "raytransfer"
+NAMESPACE = "raytransfer"
+
+
+def registry_name(experiment: str) -> str:
+    return f"raytransfer-weights-{experiment}"
 
 
 @ray.remote(num_cpus=0)
@@ -32,29 +39,39 @@ class WeightsRegistry:
         ref = self._refs.get(key)
         return None if ref is None else [ref]        # list-wrapped: the caller decides when to ray.get
 
+    def drop(self, key: str) -> bool:
+        return self._refs.pop(key, None) is not None  # the last reference: the object store frees it
+
     def keys(self):
         return sorted(self._refs)
 
 
-def get_or_create_registry():
+def get_or_create_registry(name: str):
     """The registry, on the driver's node (the head: it outlives worker nodes that come and go)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return WeightsRegistry.options(name=NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+    return WeightsRegistry.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
                                    scheduling_strategy=here).remote()
 
 
-def _registry():
+def _registry(name: str):
     try:
-        return ray.get_actor(NAME, namespace=NAMESPACE)
+        return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         return None
 
 
-def publish(key: str, state_dict: dict):
+def remove_registry(name: str):
+    """End the registry (and with it every object it owns); nothing to do if it is gone."""
+    reg = _registry(name)
+    if reg is not None:
+        ray.kill(reg, no_restart=True)
+
+
+def publish(name: str, key: str, state_dict: dict) -> bool:
     """Offer a finished base's weights to its dependents (best effort: the URI stays the truth)."""
-    reg = _registry()
+    reg = _registry(name)
     if reg is None:
         return False
     try:
@@ -65,9 +82,19 @@ def publish(key: str, state_dict: dict):
     return True
 
 
-def fetch_ref(key: str):
+def drop(name: str, key: str):
+    """Free a base's object-store copy (its dependents are done); best effort."""
+    reg = _registry(name)
+    if reg is not None:
+        try:
+            ray.get(reg.drop.remote(key), timeout=30)
+        except Exception as e:
+            log.warning("could not drop %s from the weights registry: %s", key, e)
+
+
+def fetch_ref(name: str, key: str):
     """[ObjectRef] of a base's weights in the object store, or None (then use its URI)."""
-    reg = _registry()
+    reg = _registry(name)
     if reg is None:
         return None
     try:
@@ -77,15 +104,15 @@ def fetch_ref(key: str):
         return None
 
 
-def fetch_base(key: str, uri: str) -> tuple[dict, str]:
+def fetch_base(name: str, key: str, uri: str) -> tuple[dict, str]:
     """A base's weights: from the object store when it has them, else from the durable URI."""
     from .store import load_weights
 
-    ref = fetch_ref(key)
+    ref = fetch_ref(name, key)
     if ref is not None:
         try:
             arrays = ray.get(ref[0])
             return {k: np.asarray(v) for k, v in arrays.items()}, "object_store"
         except Exception as e:
             log.warning("object-store copy of %s is gone (%s): reading it from storage", key, e)
-    return load_weights(uri), "uri"
+    return load_weights(uri), "storage"

@@ -24,9 +24,10 @@ from pathlib import Path
 
 from ..recipes import get_recipe
 from ..synthetic import SyntheticSpec
+from .errors import SweepError
 from .jobs import DIRECTIONS, MAX_N, SPLIT_KINDS, TREATMENTS, Dataset, Job, build_jobs, expand_axes
 from .results import write_results
-from .store import JobStore
+from .store import JobStore, _split_uri
 
 log = logging.getLogger("raytransfer.sweep")
 
@@ -47,10 +48,6 @@ SCALES = {
 }
 
 
-class SweepError(ValueError):
-    """Bad input to the sweep: named, with the fix, raised before anything trains."""
-
-
 def add_sweep_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("grid (override the sweep file's axes)")
     g.add_argument("--splits", help=f"comma list of {', '.join(SPLIT_KINDS)}")
@@ -65,12 +62,18 @@ def add_sweep_args(p: argparse.ArgumentParser):
     p.add_argument("--storage", help="where the job store, checkpoints and Tune state live: a path or s3://... (default: --out)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--gpus-per-trial", type=float, default=None,
-                   help="GPUs per worker, fractions allowed for small nets (default: 1 if the cluster has GPUs, else 0)")
+                   help="GPUs per worker, fractions allowed for small nets (default: 1 if the cluster has or can "
+                        "launch GPU nodes, else 0)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train DDP workers per trial")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per worker (FFCV loader threads)")
     p.add_argument("--host", choices=["auto", "process", "train"], default="auto",
-                   help="run the loop in the trial's process (tiny CPU trials) or under Ray Train (auto: train if GPUs or >1 worker)")
-    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (from its last checkpoint)")
+                   help="run the loop in the trial's process or under Ray Train (auto: train for more than one worker)")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="retries of a job after its first attempt, whatever restarted it (from its last checkpoint)")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                   help="minutes of training between a trial's checkpoints (0: every epoch); one more at the end")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="most trials at once (default: as many as the cluster has or its autoscaler can launch)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard (local Ray)")
     p.add_argument("--no-report", action="store_true", help="skip building report.html at the end")
@@ -151,7 +154,8 @@ def resolve_dataset(args, scale: Scale, cache: Path) -> Dataset:
             raise SweepError(f"cannot prepare the built-in dataset in {data_dir}: {e} (that folder is under "
                              f"RAYTRANSFER_CACHE={cache}: fix it there or point the variable elsewhere)") from None
     return Dataset(str(Path(data_dir).resolve()), manifest["name"], manifest["fingerprint"], manifest["classes"],
-                   manifest.get("superclass_order"))
+                   manifest.get("superclass_order"),
+                   synthetic=scale.synthetic.to_dict() if args.data is None else None)
 
 
 def print_job_table(jobs: list[Job], done: dict, out=None):
@@ -190,8 +194,12 @@ def run(grid: dict, args, name: str) -> int:
     grid = apply_overrides(grid, args)
     out = (args.out or Path("results") / f"{name}-{args.scale}").resolve()
     storage = args.storage or str(out)
+    if "://" not in storage:
+        storage = os.path.abspath(os.path.expanduser(storage))
     if (args.gpus_per_trial or 0) < 0 or args.workers_per_trial < 1 or args.cpus_per_trial <= 0:
         raise SweepError("--gpus-per-trial must be >= 0, --workers-per-trial >= 1 and --cpus-per-trial > 0")
+    if args.checkpoint_minutes < 0 or args.max_failures < 0 or (args.max_concurrent is not None and args.max_concurrent < 1):
+        raise SweepError("--checkpoint-minutes and --max-failures must be >= 0, --max-concurrent >= 1")
     store = JobStore(storage)
     store.check_writable()
     # [2] the dataset, the jobs and their keys
@@ -208,18 +216,33 @@ def run(grid: dict, args, name: str) -> int:
     for sid, split in splits.items():
         split.save(out / "splits" / f"{sid}.json")
     exp_name = f"tune-{grid_digest(jobs)}"
-    _check_resume(args, storage, exp_name)
+    invocation = sweep_invocation(args, jobs)
+    if args.resume:
+        check_resume(storage, exp_name, invocation)
+    else:
+        save_invocation(storage, exp_name, invocation)
     # [3] Ray, resources, the registry
     from .tuning import fit_sweep
 
     t0 = time.time()
-    fit_sweep(jobs, done, store, storage, exp_name, args)
+    here = os.getcwd()
+    os.chdir(out)          # every path is absolute by now; a Ray job's working dir can vanish under the driver
+    try:                   # (Ray's local autoscaler: all its nodes share one runtime_resources folder)
+        fit_sweep(jobs, done, store, storage, exp_name, args)
+    finally:
+        try:
+            os.chdir(here)
+        except OSError:
+            pass
     # [4] the table and the report
     records = store.completed(refresh=True)
     for k, r in records.items():
         r.setdefault("dataset", dataset.name)
-    table = write_results(out, jobs, records)
+    failed = store.failed()
+    table = write_results(out, jobs, records, failed)
     missing = [j.key for j in jobs if j.key not in records]
+    for key in [k for k in missing if k in failed]:
+        print(f"[sweep] {key} failed: {failed[key].get('reason')}")
     dropped = sorted(k for k in done if k not in records)      # a trial found their weights unreadable
     if dropped:
         print(f"[sweep] the weights of {', '.join(dropped)} were unreadable (corrupt): their record was dropped; "
@@ -233,32 +256,61 @@ def run(grid: dict, args, name: str) -> int:
     return 0 if not missing else 1
 
 
-def _check_resume(args, storage: str, exp_name: str):
+INVOCATION = "raytransfer-invocation.json"
+RESUME_FLAGS = ("scale", "data", "splits", "seeds", "train_seeds", "n", "treatments", "directions", "gpus_per_trial",
+                "workers_per_trial", "cpus_per_trial", "host", "max_failures", "checkpoint_minutes", "max_concurrent")
+
+
+def sweep_invocation(args, jobs) -> dict:
+    """What a --resume must repeat: the grid (its job keys) and every flag that shapes how it runs."""
+    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in RESUME_FLAGS}
+    return {"flags": flags, "jobs": sorted(j.key for j in jobs)}
+
+
+def save_invocation(storage: str, exp_name: str, invocation: dict):
+    fs, root = _split_uri(f"{storage.rstrip('/')}/{exp_name}")
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{INVOCATION}") as f:
+        f.write(json.dumps({**invocation, "saved_at": time.time()}).encode())
+
+
+def check_resume(storage: str, exp_name: str, invocation: dict):
+    """--resume continues the interrupted sweep only with its grid and flags: else one error listing
+    every difference (a silently different resume would mix two experiments in one table)."""
     from ray.tune import Tuner
 
-    exp_path = f"{storage.rstrip('/')}/{exp_name}"
-    if args.resume and not Tuner.can_restore(exp_path):
-        others = _tune_experiments(storage)
-        hint = (f"the experiment(s) there belong to a different grid ({', '.join(others)}): rerun with the same "
-                "grid flags, or drop --resume (finished jobs are skipped anyway)") if others else \
-            "drop --resume to start it (finished jobs in the job store are skipped anyway)"
-        raise SweepError(f"--resume: no interrupted sweep of this grid at {exp_path}; {hint}")
+    fs, root = _split_uri(storage)
+    saved = []
+    for info in fs.get_file_info(pyarrow_selector(root)):
+        if info.base_name.startswith("tune-"):
+            try:
+                with fs.open_input_stream(f"{info.path}/{INVOCATION}") as f:
+                    saved.append((json.loads(f.read()), info.base_name))
+            except (OSError, ValueError):
+                continue
+    if not saved:
+        raise SweepError(f"--resume: no interrupted sweep at {storage}; drop --resume to start it (finished "
+                         "jobs in the job store are skipped anyway)")
+    last, name = max(saved, key=lambda s: s[0].get("saved_at", 0))
+    diffs = [f"--{k.replace('_', '-')} {_show(last['flags'].get(k))} (interrupted) vs {_show(v)} (now)"
+             for k, v in invocation["flags"].items() if last["flags"].get(k) != v]
+    if last["jobs"] != invocation["jobs"]:
+        gone, new = set(last["jobs"]) - set(invocation["jobs"]), set(invocation["jobs"]) - set(last["jobs"])
+        diffs.append(f"the grid: {len(last['jobs'])} jobs (interrupted) vs {len(invocation['jobs'])} (now); "
+                     f"{len(new)} new, {len(gone)} left out")
+    if diffs:
+        raise SweepError(f"--resume of the interrupted sweep {name} at {storage} with different flags: "
+                         + "; ".join(diffs) + ". Rerun with the interrupted sweep's flags, or drop --resume "
+                         "(finished jobs are skipped anyway)")
+    if not Tuner.can_restore(f"{storage.rstrip('/')}/{exp_name}"):
+        raise SweepError(f"--resume: the sweep at {storage} never got as far as Tune's first snapshot; "
+                         "drop --resume to start it again (finished jobs are skipped anyway)")
 
 
-def _tune_experiments(storage: str) -> list[str]:
-    if "://" in storage:
-        return []
-    p = Path(storage)
-    return sorted(d.name for d in p.glob("tune-*") if (d / "tuner.pkl").exists()) if p.is_dir() else []
+def _show(v) -> str:
+    return "(default)" if v is None else str(v)
 
 
-def check_address(address: str | None):
-    """An unreachable Ray address fails now, with a clear message, not after a long timeout."""
-    if not address or address in ("auto", "local") or address.startswith("ray://"):
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port or 6379)), timeout=5).close()
-    except (OSError, ValueError) as e:
-        raise SweepError(f"Ray address {address} is unreachable ({e}): start the cluster (ray up / ray start --head) "
-                         "or fix --address") from None
+def pyarrow_selector(root: str):
+    import pyarrow.fs
+    return pyarrow.fs.FileSelector(root, allow_not_found=True)

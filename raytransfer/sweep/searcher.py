@@ -5,7 +5,10 @@ jobs wait for their bases, and FINISHED once every job is handed out or the rest
 (their base failed for good) -- never hanging `Tuner.fit()`. "Done" is seeded from the durable job
 store, so finished jobs are never handed out again; state survives `Tuner.restore` (save/restore).
 
-    searcher = DependencySearcher(jobs, done=store.completed())
+    searcher = DependencySearcher(jobs, done=store.completed(), release=lambda base_key: ...)
+
+`release(base_key)` is called once every job of the sweep that depends on that base has ended (done
+or failed for good): the driver then frees the base's object-store copy.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class DependencySearcher(Searcher):
-    def __init__(self, jobs, done: dict | None = None, metric: str = "val_top1", mode: str = "max"):
+    def __init__(self, jobs, done: dict | None = None, metric: str = "val_top1", mode: str = "max", release=None):
         super().__init__(metric=metric, mode=mode)
+        self.release = release
         self.jobs = {j.key: {"deps": list(j.deps), "config": {"job_key": j.key, "treatment": j.treatment, "n": j.n,
                                                               "split": f"{j.split_kind}{j.split_seed}",
                                                               "target": j.target_half, "spec": j.spec}}
@@ -29,6 +33,7 @@ class DependencySearcher(Searcher):
         self.done = {k: v for k, v in (done or {}).items() if k in needed}   # key -> weights URI
         self.issued, self.trial_to_key, self.failed = {}, {}, {}
         self.blocked_reason = None
+        self.released = set()
 
     def suggest(self, trial_id: str):
         waiting = False
@@ -74,15 +79,28 @@ class DependencySearcher(Searcher):
         if key is None:
             return
         if error or not result or not result.get("weights_uri"):
-            self.failed[key] = "error" if error else "no weights reported"
+            self.failed[key] = "error" if error else ((result or {}).get("failure_reason") or "no weights reported")
         else:
             self.done[key] = result["weights_uri"]
             self.failed.pop(key, None)
+        for base in self.jobs.get(key, {}).get("deps", []) + [key]:
+            self._maybe_release(base)
+
+    def _maybe_release(self, base: str):
+        """Free a base once nothing in this sweep still needs it (every dependent ended)."""
+        if base in self.released or self.release is None or base not in self.done:
+            return
+        dependents = [k for k, j in self.jobs.items() if base in j["deps"]]
+        if not dependents:
+            return
+        if all(k in self.done or k in self.failed for k in dependents):
+            self.released.add(base)
+            self.release(base)
 
     # Tune snapshots this with the experiment and calls restore() on Tuner.restore.
     def get_state(self) -> dict:
         return {k: getattr(self, k) for k in ("jobs", "order", "done", "issued", "trial_to_key", "failed",
-                                              "blocked_reason")}
+                                              "blocked_reason", "released")}
 
     def set_state(self, state: dict):
         self.__dict__.update(state)

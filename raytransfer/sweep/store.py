@@ -7,6 +7,10 @@ has a record. A record is written only after its weights, so a record always poi
     store = JobStore("s3://bucket/raytransfer")
     store.save_weights(key, state_dict); store.write(key, record)
     done = store.completed()                 # {key: record}
+    store.write_failed(key, record)          # a job that must not count as done (its reason inside)
+
+A failed job's record lives apart from the done ones (`failed/`), so nothing that reads the done
+records can mistake it for a result; a later success removes it.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import time
 import pyarrow.fs
 import torch
 
-RECORDS, WEIGHTS = "jobs", "weights"
+RECORDS, WEIGHTS, FAILED, ATTEMPTS = "jobs", "weights", "failed", "attempts"
 
 
 def _split_uri(uri: str):
@@ -65,35 +69,66 @@ class JobStore:
         record = {**record, "job_key": key, "recorded_at": time.time()}
         self.fs.create_dir(f"{self.root}/{RECORDS}", recursive=True)    # a trial must never fail on a missing folder
         self._atomic_write(f"{self.root}/{RECORDS}/{key}.json", json.dumps(record, default=str).encode())
+        self._delete(f"{self.root}/{FAILED}/{key}.json")
         if self._cache is not None:
             self._cache[key] = record
 
+    def write_failed(self, key: str, record: dict):
+        """A job that ran and must not count as done (e.g. its frozen layers changed); `reason` says why."""
+        record = {**record, "job_key": key, "status": "failed", "recorded_at": time.time()}
+        self.fs.create_dir(f"{self.root}/{FAILED}", recursive=True)
+        self._atomic_write(f"{self.root}/{FAILED}/{key}.json", json.dumps(record, default=str).encode())
+
+    def failed(self) -> dict[str, dict]:
+        return self._read_all(FAILED)
+
+    def count_attempt(self, key: str, info: dict) -> int:
+        """Note one more start of `key` (a retry of any layer, a resume) and return how many there were."""
+        path = f"{self.root}/{ATTEMPTS}/{key}.json"
+        attempts = self._read_json(path) or []
+        attempts.append({**info, "at": time.time()})
+        self.fs.create_dir(f"{self.root}/{ATTEMPTS}", recursive=True)
+        self._atomic_write(path, json.dumps(attempts).encode())
+        return len(attempts)
+
+    def attempts(self, key: str) -> list:
+        return self._read_json(f"{self.root}/{ATTEMPTS}/{key}.json") or []
+
     def read(self, key: str) -> dict | None:
+        return self._read_json(f"{self.root}/{RECORDS}/{key}.json")
+
+    def _read_json(self, path: str):
         try:
-            with self.fs.open_input_stream(f"{self.root}/{RECORDS}/{key}.json") as f:
+            with self.fs.open_input_stream(path) as f:
                 return json.loads(f.read())
-        except (FileNotFoundError, OSError):
+        except (FileNotFoundError, OSError, ValueError):
             return None
+
+    def _read_all(self, folder: str) -> dict[str, dict]:
+        out = {}
+        sel = pyarrow.fs.FileSelector(f"{self.root}/{folder}", allow_not_found=True)
+        for info in self.fs.get_file_info(sel):
+            if info.path.endswith(".json"):
+                rec = self._read_json(info.path)
+                if rec is not None:
+                    out[os.path.basename(info.path)[:-5]] = rec
+        return out
+
+    def _delete(self, path: str):
+        try:
+            self.fs.delete_file(path)
+        except (FileNotFoundError, OSError):
+            pass
 
     def completed(self, refresh: bool = False) -> dict[str, dict]:
         """Every finished job's record, by key (one listing; cached until refresh)."""
         if self._cache is None or refresh:
-            self._cache = {}
-            sel = pyarrow.fs.FileSelector(f"{self.root}/{RECORDS}", allow_not_found=True)
-            for info in self.fs.get_file_info(sel):
-                if info.path.endswith(".json"):
-                    key = os.path.basename(info.path)[:-5]
-                    rec = self.read(key)
-                    if rec is not None:
-                        self._cache[key] = rec
+            self._cache = self._read_all(RECORDS)
         return dict(self._cache)
 
     def forget(self, key: str):
         """Drop a job's record (e.g. its weights are corrupt): the next sweep retrains that job alone."""
-        try:
-            self.fs.delete_file(f"{self.root}/{RECORDS}/{key}.json")
-        except (FileNotFoundError, OSError):
-            pass
+        self._delete(f"{self.root}/{RECORDS}/{key}.json")
         if self._cache is not None:
             self._cache.pop(key, None)
 
@@ -116,3 +151,17 @@ def load_weights(uri: str) -> dict:
 
 class CorruptWeights(RuntimeError):
     pass
+
+
+def delete_tree(uri: str) -> int:
+    """Delete a folder (local or s3://...) and return the bytes it held; 0 if it is not there."""
+    fs, path = _split_uri(uri)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True))
+        size = sum(i.size or 0 for i in infos if i.type == pyarrow.fs.FileType.File)
+        if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+            return 0
+        fs.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        return 0
+    return size

@@ -1,13 +1,20 @@
 """Ray Tune wiring: the trainable of one job, the Tuner (or its restore), progress on the console.
 
-This is the only module that imports ray.tune. A job runs either in the trial's own process (tiny
-CPU trials: no worker group to start) or as a Ray Train TorchTrainer run (GPUs, DDP), with the same
-loop; its final weights and record go to the job store, and a base's weights also to the registry.
+The sweep's only use of ray.tune (the searcher subclasses Tune's Searcher). A one-worker job --
+on the CPU or on one GPU -- runs in the Tune trial's own process; a job of several workers runs as
+a Ray Train TorchTrainer (DDP), with the same loop. Either way the job's final weights and record
+go to the job store, a base's weights also to the registry, and Tune alone retries a failed trial
+(`--max-failures` counts attempts whichever way a job died). Once a job's record is durable its
+Tune and Train trial folders are deleted: the storage keeps records, final weights and Tune's
+experiment state.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
+import socket
 import sys
 import time
 import uuid
@@ -17,9 +24,11 @@ import ray
 from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .registry import fetch_base, get_or_create_registry, publish
+from .capacity import cluster_node_types, plan_trials
+from .errors import SweepError
+from .registry import drop, fetch_base, get_or_create_registry, publish, registry_name, remove_registry
 from .searcher import DependencySearcher
-from .store import CorruptWeights, JobStore
+from .store import CorruptWeights, JobStore, delete_tree
 
 log = logging.getLogger("raytransfer.sweep")
 
@@ -27,8 +36,9 @@ NAMESPACE = "raytransfer"
 
 
 def run_job(config: dict):
-    """The Tune trainable: one job. Reports every epoch; the last report carries `weights_uri`."""
-    from ..hosts import run_in_tune_process, summary_metrics
+    """The Tune trainable: one job. Reports every epoch; the last report carries `weights_uri`, or
+    `failure_reason` when the job cannot count as done (then no retry: it would fail the same way)."""
+    from ..hosts import TrialSetupError, node_id, run_in_tune_process
 
     key, spec = config["job_key"], config["spec"]
     for quiet in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
@@ -39,50 +49,105 @@ def run_job(config: dict):
         tune.report({**_scalars(record["metrics"]), "weights_uri": record["weights_uri"], "final": True})
         return
     started = time.time()
-    base_state, via = None, None
+    attempt = store.count_attempt(key, {"node_id": node_id(), "host": config["host"]})
+    load_base = None
     for base_key, uri in config.get("base_uris", {}).items():
-        try:
-            base_state, via = fetch_base(base_key, uri)
-        except CorruptWeights as e:                # never train on them; the next run retrains that base alone
-            store.forget(base_key)
-            raise CorruptWeights(f"{e}; dropped the record of base {base_key}: rerun the same command to retrain "
-                                 "that base alone, then this job") from None
-    if config["host"] == "train":
-        summary = _run_under_train(config, spec, base_state)
-    else:
-        summary = run_in_tune_process(spec, base_state, num_threads=max(1, int(config["cpus_per_trial"])))
-    metrics = summary_metrics(summary)
+        load_base = functools.partial(load_base_weights, config["registry"], base_key, uri, config["storage"])
+    try:
+        if config["host"] == "train":
+            summary = _run_under_train(config, spec, load_base)
+        else:
+            summary = run_in_tune_process(spec, load_base, num_threads=max(1, int(config["cpus_per_trial"])),
+                                          checkpoint_minutes=config["checkpoint_minutes"])
+    except Exception as e:
+        setup = _setup_error(e, TrialSetupError)
+        if setup is None:
+            raise                                  # Tune retries it, from the last checkpoint
+        summary = {"failure": setup}
+    tune.report(record_outcome(store, key, spec, summary, config, started, attempt))
+
+
+def record_outcome(store: JobStore, key: str, spec: dict, summary: dict, config: dict, started: float,
+                   attempt: int) -> dict:
+    """Make a trial's outcome durable and return its final report: a done record with the final weights
+    (a base's also to the registry), or a failed record with the reason -- a job whose trial could not
+    run here (`summary["failure"]`) or whose frozen layers changed. A failed job is never a done row;
+    its report has no `weights_uri`, so the searcher ends it without a retry (it would fail the same way)."""
+    from ..hosts import summary_metrics
+
+    metrics = summary_metrics(summary) if "state_dict" in summary else {}
+    reason = summary.get("failure")
+    if reason is None and summary.get("frozen_check") is False:
+        reason = (f"frozen layers changed during training ({', '.join(summary.get('frozen_mismatched', [])[:5])}): "
+                  "the copied layers were not frozen, so this job is not a result")
+    common = {"config": spec, "host": config["host"], "node_id": summary.get("node_id"),
+              "gpus_held": summary.get("gpus_held"), "attempts": attempt, "started_at": started,
+              "finished_at": time.time()}
+    if reason is not None:
+        log.error("%s failed: %s", key, reason)
+        store.write_failed(key, {**common, "reason": reason, "metrics": metrics})
+        return {"final": True, "failed": True, "failure_reason": reason, "val_top1": float("nan")}
     uri = store.save_weights(key, summary["state_dict"])
     if spec["treatment"] in ("baseA", "baseB"):
-        publish(key, summary["state_dict"])
-    store.write(key, {"metrics": metrics, "weights_uri": uri, "config": spec, "host": config["host"],
-                      "base_weights_via": via, "node_id": ray.get_runtime_context().get_node_id(),
-                      "started_at": started, "finished_at": time.time(),
-                      "versions": _versions()})
-    tune.report({**_scalars(metrics), "weights_uri": uri, "final": True})
+        publish(config["registry"], key, summary["state_dict"])
+    store.write(key, {**common, "metrics": metrics, "weights_uri": uri,
+                      "base_weights_via": summary.get("base_weights_via"), "versions": _versions()})
+    if config["host"] == "train":                  # durable now: the Train run's folder is not needed
+        delete_tree(f"{config['storage'].rstrip('/')}/{_train_run_name(spec)}")
+    return {**_scalars(metrics), "weights_uri": uri, "final": True}
 
 
-def _run_under_train(config, spec, base_state):
-    """The job as a TorchTrainer run named after its key, so a retried trial resumes its checkpoints."""
-    import tempfile
+def load_base_weights(registry: str, base_key: str, uri: str, storage: str):
+    """(weights, where from) of a base, for a trial or a Train worker; corrupt weights drop that base's record."""
+    try:
+        return fetch_base(registry, base_key, uri)
+    except CorruptWeights as e:                    # never train on them; the next run retrains that base alone
+        JobStore(storage).forget(base_key)
+        raise CorruptWeights(f"{e}; dropped the record of base {base_key}: rerun the same command to retrain "
+                             "that base alone, then this job") from None
 
+
+def _setup_error(e: BaseException, kind) -> str | None:
+    """The message of a TrialSetupError behind `e` (raised here, or in a Train worker), else None."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, kind) or type(x).__name__ == kind.__name__:
+            text = str(x)
+            return text.split(f"{kind.__name__}: ", 1)[-1].strip()
+        todo += [x.__cause__, x.__context__, *getattr(x, "worker_failures", {}).values()]
+    return None
+
+
+def _train_run_name(spec) -> str:
+    return f"train-{spec['job_key']}"
+
+
+def _run_under_train(config, spec, load_base):
+    """The job as a TorchTrainer run named after its key, so a retried trial resumes its checkpoints.
+    Train itself retries nothing (Tune does): one budget for the job."""
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ..hosts import load_state, train_fn_per_worker
 
-    loop_config = {"spec": spec, "cpus_per_worker": config["cpus_per_trial"],
-                   "base_ref": [ray.put(base_state)] if base_state is not None else None}
+    loop_config = {"spec": spec, "cpus_per_worker": config["cpus_per_trial"], "load_base": load_base,
+                   "checkpoint_minutes": config["checkpoint_minutes"]}
     gpus = config["gpus_per_trial"]
+    resources = {"CPU": config["cpus_per_trial"], **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
         train_fn_per_worker, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="gloo") if config.get("test_cluster") else None,
         scaling_config=ray.train.ScalingConfig(num_workers=config["workers_per_trial"], use_gpu=gpus > 0,
-                                               resources_per_worker={"CPU": config["cpus_per_trial"], "GPU": gpus}),
-        run_config=ray.train.RunConfig(name=f"train-{spec['job_key']}", storage_path=config["storage"],
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=_train_run_name(spec), storage_path=config["storage"],
                                        callbacks=[TuneReportCallback()],
-                                       failure_config=ray.train.FailureConfig(max_failures=config["max_failures"]),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+                                       failure_config=ray.train.FailureConfig(max_failures=0),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = load_state(d)
@@ -114,8 +179,8 @@ def _versions() -> dict:
 class SweepProgress(tune.Callback):
     """One console line: jobs done / total, running, failed, an ETA; at most every `every_s` seconds."""
 
-    def __init__(self, total: int, done: int, concurrency: int, every_s: float = 10.0):
-        self.total, self.concurrency, self.every_s = total, max(1, concurrency), every_s
+    def __init__(self, total: int, done: int, concurrency: int | None, every_s: float = 10.0):
+        self.total, self.concurrency, self.every_s = total, concurrency, every_s
         self.done = done
         self.failed = 0
         self.last = 0.0
@@ -145,7 +210,8 @@ class SweepProgress(tune.Callback):
         left = self.total - self.done - self.failed
         eta = ""
         if self.walls and left > 0:                    # jobs left x their mean length, `concurrency` at a time
-            eta = f", ETA {_hms(sum(self.walls) / len(self.walls) * left / self.concurrency)}"
+            at_once = self.concurrency or max(1, running)     # autoscaling without a cap: as many as run now
+            eta = f", ETA {_hms(sum(self.walls) / len(self.walls) * left / at_once)}"
         print(f"[sweep] {self.done}/{self.total} jobs done, {running} running, {self.failed} failed{eta}",
               flush=True)
 
@@ -157,8 +223,6 @@ def _hms(s: float) -> str:
 
 def init_ray(args):
     """Join the cluster at --address, or start a local Ray; print the dashboard URL."""
-    from .runner import SweepError, check_address
-
     check_address(args.address)
     kwargs = {"namespace": NAMESPACE, "log_to_driver": True}
     try:
@@ -173,32 +237,36 @@ def init_ray(args):
     print(f"[sweep] Ray dashboard: {'http://' + url if url else '(not running)'}", flush=True)
 
 
-def check_resources(args) -> tuple[str, int]:
-    """Host choice and concurrency from what the cluster offers; one clear error when it cannot fit."""
-    from .runner import SweepError
+def check_address(address: str | None):
+    """An unreachable Ray address fails now, with a clear message, not after a long timeout."""
+    if not address or address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port or 6379)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise SweepError(f"Ray address {address} is unreachable ({e}): start the cluster (ray up / ray start --head) "
+                         "or fix --address") from None
 
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    gpus_per_node = max((r.get("GPU", 0) for r in nodes), default=0)
-    cpus_total = sum(r.get("CPU", 0) for r in nodes)
-    if args.gpus_per_trial is None:                 # a GPU cluster trains on GPUs unless told otherwise
-        args.gpus_per_trial = 1.0 if gpus_per_node >= 1 else 0.0
-    if args.gpus_per_trial > 0 and gpus_per_node == 0:
-        raise SweepError(f"--gpus-per-trial {args.gpus_per_trial} asks for GPUs but the cluster has none: "
-                         "drop the flag (CPU) or add GPU nodes")
-    if args.gpus_per_trial > gpus_per_node:
-        raise SweepError(f"--gpus-per-trial {args.gpus_per_trial} is more than any node offers (at most {gpus_per_node:g})")
-    cpus_per_node = max((r.get("CPU", 0) for r in nodes), default=0)
-    if args.cpus_per_trial > cpus_per_node:
-        raise SweepError(f"--cpus-per-trial {args.cpus_per_trial:g} is more than any node offers (at most {cpus_per_node:g})")
-    host = args.host
-    if host == "auto":
-        host = "train" if args.gpus_per_trial > 0 or args.workers_per_trial > 1 else "process"
-    if args.gpus_per_trial > 0:
-        total_gpus = sum(r.get("GPU", 0) for r in nodes)
-        concurrency = int(total_gpus // (args.gpus_per_trial * args.workers_per_trial))
-    else:
-        concurrency = int(cpus_total // (args.cpus_per_trial * args.workers_per_trial))
-    return host, max(1, concurrency)
+
+class TrialCleanup(tune.Callback):
+    """Once a job's record is durable, its Tune trial folder (checkpoints, logs) goes: in storage and in
+    the driver's staging copy, which Tune would otherwise upload again at its next snapshot."""
+
+    def __init__(self, storage: str):
+        self.storage = storage
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        import shutil
+
+        if JobStore(self.storage).read(trial.config.get("job_key", "")) is None:
+            return                                     # failed or unfinished: its folder helps to see why
+        try:
+            trial.storage.storage_filesystem.delete_dir(trial.path)
+        except (FileNotFoundError, OSError):
+            pass
+        if trial.local_path:
+            shutil.rmtree(trial.local_path, ignore_errors=True)
 
 
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "fuse", "9p", "beegfs", "glusterfs")
@@ -207,8 +275,6 @@ NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", 
 def check_storage(storage: str, args):
     """A local --storage must be one folder that every node sees: trials on any node write their
     checkpoints and records there. Probed on the nodes alive now; a warning for nodes added later."""
-    from .runner import SweepError
-
     if "://" in storage:
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -262,42 +328,61 @@ def _filesystem_type(path: str) -> str | None:
 
 
 def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, args):
-    """[3] Ray and the registry, [4] one Tuner.fit() (or Tuner.restore with --resume)."""
+    """[3] Ray, the trial plan and the registry, [4] one Tuner.fit() (or Tuner.restore with --resume);
+    the registry (and every base copy it holds) is removed when the sweep ends, however it ends."""
     init_ray(args)
+    registry = registry_name(f"{exp_name}-{hashlib.sha256(storage.encode()).hexdigest()[:6]}")
     try:
-        host, concurrency = check_resources(args)
+        types = cluster_node_types()
+        plan = plan_trials(types, args.gpus_per_trial, args.workers_per_trial, args.cpus_per_trial, args.host,
+                           args.max_concurrent)
         check_storage(storage, args)
-        get_or_create_registry()
+        get_or_create_registry(registry)
         todo = [j for j in jobs if j.key not in done]
-        print(f"[sweep] {len(jobs)} jobs, {len(jobs) - len(todo)} done, {len(todo)} to run; host={host}, "
-              f"up to {concurrency} at once", flush=True)
+        where = ", ".join(plan.fitting)
+        size = f"{plan.gpus_per_worker:g} GPU + {args.cpus_per_trial:g} CPU" + \
+            (f" x {args.workers_per_trial} workers" if args.workers_per_trial > 1 else "")
+        at_once = f"up to {plan.concurrency} at once" if plan.concurrency else "as many at once as the autoscaler launches"
+        print(f"[sweep] {len(jobs)} jobs, {len(jobs) - len(todo)} done, {len(todo)} to run; host={plan.host}, "
+              f"{size} per trial on {where}; {at_once}", flush=True)
         if not todo:
             return
-        resources = {"CPU": args.cpus_per_trial} if host == "process" else {"CPU": 0.01}
-        if host == "train" and "TRAIN_DRIVER" in ray.cluster_resources():
+        if plan.host == "process":
+            resources = {"CPU": args.cpus_per_trial, **({"GPU": plan.gpus_per_worker} if plan.gpus_per_worker else {})}
+        elif "TRAIN_DRIVER" in ray.cluster_resources():
             resources = {"CPU": 0, "TRAIN_DRIVER": 1}       # drivers on the on-demand head (cluster.yaml)
+        else:
+            resources = {"CPU": 0.01}
         trainable = tune.with_resources(run_job, resources)
-        constants = {"storage": storage, "host": host, "cpus_per_trial": args.cpus_per_trial,
-                     "gpus_per_trial": args.gpus_per_trial, "workers_per_trial": args.workers_per_trial,
-                     "max_failures": args.max_failures}
-        progress = SweepProgress(len(jobs), len(jobs) - len(todo), concurrency)
+        constants = {"storage": storage, "host": plan.host, "cpus_per_trial": args.cpus_per_trial,
+                     "gpus_per_trial": plan.gpus_per_worker, "workers_per_trial": args.workers_per_trial,
+                     "checkpoint_minutes": args.checkpoint_minutes, "registry": registry,
+                     "test_cluster": plan.test_cluster}
+        progress = SweepProgress(len(jobs), len(jobs) - len(todo), plan.concurrency)
         exp_path = f"{storage.rstrip('/')}/{exp_name}"
-        # num_to_keep forces an experiment snapshot every few checkpoints; with short trials Tune warns
-        # about it on every snapshot. The snapshot is what makes --resume safe: keep it, drop the warning.
+        # Tune warns at every experiment snapshot of short trials; the snapshot is what makes --resume safe.
+        # Its closing analysis misses the trial folders TrialCleanup removed: the job store has the results.
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         if args.resume:
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
         else:
-            searcher = DependencySearcher(jobs, done={k: r["weights_uri"] for k, r in done.items()})
+            searcher = DependencySearcher(jobs, done={k: r["weights_uri"] for k, r in done.items()},
+                                          release=functools.partial(drop, registry))
             tuner = tune.Tuner(
                 trainable, param_space=constants,
-                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=concurrency,
-                                            reuse_actors=host == "process",
+                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
+                                            max_concurrent_trials=plan.concurrency,
+                                            reuse_actors=plan.host == "process",
                                             trial_dirname_creator=lambda t: f"{t.config['job_key']}_{t.trial_id}"),
-                run_config=tune.RunConfig(name=exp_name, storage_path=storage, verbose=0, callbacks=[progress],
+                run_config=tune.RunConfig(name=exp_name, storage_path=storage, verbose=0,
+                                          callbacks=[progress, TrialCleanup(storage)],
                                           failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()
     finally:
-        if not args.address:
-            ray.shutdown()
+        try:
+            remove_registry(registry)
+        finally:
+            if not args.address:
+                ray.shutdown()
