@@ -21,7 +21,7 @@ start is not timed; `--dependents-as tasks` gives each a Ray task instead. Modes
 
     export RAY_AUTH_MODE=disabled
     python benchmarks/cluster_weights.py                      # starts its own cluster from
-                                                              #   clusters/local-autoscaling.yaml (port 6411,
+                                                              #   clusters/local-autoscaling.yaml (free ports,
                                                               #   temp dir /tmp/rtw) and stops only that one
     python benchmarks/cluster_weights.py --address HOST:PORT  # joins a running cluster, leaves it running
 
@@ -33,13 +33,9 @@ to paste into RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -50,74 +46,14 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from raytransfer.localcluster import LocalCluster
+from raytransfer.sweep.registry import drop, get_or_create_registry, registry_name, remove_registry
+
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
 
 
 # --------------------------------------------------------------------------- the cluster we start (or join)
-
-def free_port(preferred: int) -> int:
-    for port in [preferred, *range(preferred + 1, preferred + 50)]:
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError(f"no free port near {preferred}")
-
-
-def start_cluster(config: Path, port: int, dashboard_port: int, temp_dir: str) -> str:
-    """`ray start --head` with the fake multi-node autoscaler; returns the GCS address.
-
-    The fake provider starts its worker nodes against `provider.gcs_address`, and against <ip>:6379 when
-    that is absent, so a head on any other port needs it: we write a copy of the config with it set."""
-    import yaml
-
-    ip = ray._private.services.get_node_ip_address()
-    cfg = yaml.safe_load(config.read_text())
-    cfg["provider"]["gcs_address"] = f"{ip}:{port}"
-    os.makedirs(temp_dir, exist_ok=True)
-    cfg_path = Path(temp_dir) / "autoscaling.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    ray_cli = Path(sys.executable).with_name("ray")
-    cmd = [str(ray_cli), "start", "--head", f"--autoscaling-config={cfg_path}", "--num-cpus", "1", "--num-gpus", "0",
-           "--port", str(port), "--dashboard-port", str(dashboard_port), "--temp-dir", temp_dir,
-           "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats"]
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1"}
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    return f"{ip}:{port}"
-
-
-def stop_cluster(temp_dir: str, gcs_address: str):
-    """End only the processes of the cluster we started: those whose command line names our temp dir or our
-    GCS address (the head's GCS, raylets, workers, dashboard, the autoscaler and the nodes it launched)."""
-    import psutil
-
-    import re
-
-    port = gcs_address.rsplit(":", 1)[1]
-    ours = re.compile(rf"{re.escape(temp_dir.rstrip('/'))}(/|\s|$)|{re.escape(gcs_address)}(?!\d)"
-                      rf"|--gcs_server_port={port}(?!\d)")
-    me = os.getpid()
-    procs = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if p.info["pid"] != me and ours.search(cmd):
-            procs.append(p)
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    print(f"stopped {len(procs)} processes of our cluster ({len(alive)} needed SIGKILL)", file=sys.stderr)
-
 
 def worker_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0]
@@ -184,46 +120,6 @@ def spilled(stats) -> int:
     return sum(s.spilled_bytes_total for s in stats.values())
 
 
-# --------------------------------------------------------------------------- the registry API
-
-class Registry:
-    """publish / fetch_base / get_or_create_registry / drop, whether they take a registry name (one registry
-    per sweep: we use our own, so a sweep on a joined cluster is never touched) or not (one per cluster)."""
-
-    def __init__(self):
-        from raytransfer.sweep import registry as R
-
-        self.R = R
-        self.named = "name" in inspect.signature(R.fetch_base).parameters
-        self.name = R.registry_name(f"bench-cluster-weights-{os.getpid()}") if self.named else R.NAME
-        self.args = (self.name,) if self.named else ()     # what goes before `key` in every call
-
-    def existed(self) -> bool:
-        try:
-            ray.get_actor(self.name, namespace=self.R.NAMESPACE)
-            return True
-        except ValueError:
-            return False
-
-    def create(self):
-        reg = self.R.get_or_create_registry(*self.args)
-        ray.get(reg.keys.remote())
-        return reg
-
-    def publish(self, key: str, state: dict) -> bool:
-        return self.R.publish(*self.args, key, state)
-
-    def drop(self, key: str):
-        if hasattr(self.R, "drop"):
-            self.R.drop(*self.args, key)
-
-    def remove(self):
-        if hasattr(self.R, "remove_registry"):
-            self.R.remove_registry(*self.args)
-        else:
-            ray.kill(ray.get_actor(self.name, namespace=self.R.NAMESPACE), no_restart=True)
-
-
 # --------------------------------------------------------------------------- the base and its dependents
 
 def checksum(state: dict) -> int:
@@ -247,7 +143,7 @@ def build_base() -> dict:
     return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
 
-def finish_base(storage: str, registry_args: tuple, key: str, state: dict, offer: bool) -> dict:
+def finish_base(storage: str, registry: str, key: str, state: dict, offer: bool) -> dict:
     """What a finished base does, in the order of tuning.train_job: weights, publish, then the record."""
     from raytransfer.sweep.registry import publish
     from raytransfer.sweep.store import JobStore
@@ -256,7 +152,7 @@ def finish_base(storage: str, registry_args: tuple, key: str, state: dict, offer
     t0 = time.time()
     uri = store.save_weights(key, state)
     t1 = time.time()
-    published = publish(*registry_args, key, state) if offer else False
+    published = publish(registry, key, uri) if offer else False
     t2 = time.time()
     store.write(key, {"weights_uri": uri, "bench": "cluster_weights"})
     return {"uri": uri, "published": published, "save_s": t1 - t0, "publish_s": t2 - t1,
@@ -266,27 +162,27 @@ def finish_base(storage: str, registry_args: tuple, key: str, state: dict, offer
 def make_base_task():
     """The base on a GPU worker node, as in a sweep (there its trial saves and publishes)."""
     @ray.remote(num_cpus=0)
-    def base(storage: str, registry_args: tuple, key: str):
+    def base(storage: str, registry: str, key: str):
         state = build_base()
-        return {**finish_base(storage, registry_args, key, state, True), "crc": checksum(state)}
+        return {**finish_base(storage, registry, key, state, True), "crc": checksum(state)}
 
     return base
 
 
-def fetch_and_check(registry_args: tuple, key: str, uri: str, expected: int) -> dict:
+def fetch_and_check(registry: str, key: str, uri: str, expected: int) -> dict:
     """One dependent: get the base's weights the way a trial does, then check every byte."""
     from raytransfer.sweep.registry import fetch_base
 
     t_start = time.time()
-    state, via = fetch_base(*registry_args, key, uri)
+    state, via = fetch_base(registry, key, uri)
     t_held = time.time()
     ok = checksum(state) == expected
     return {"node": ray.get_runtime_context().get_node_id(), "ok": ok, "t_start": t_start, "t_held": t_held,
-            "via": "object_store" if via == "object_store" else "storage"}    # the URI path: "uri" or "storage"
+            "via": via}
 
 
 def make_dependents(kind: str, slots: int, cpus: float, gpus: float):
-    """A function (registry_args, key, uri, crc, n) -> n results.
+    """A function (registry, key, uri, crc, n) -> n results.
 
     actors  `slots` warm actors (torch imported) that take the dependents as they come free: what is timed
             is the weights path and the wait for a slot, not process start (default);
@@ -313,7 +209,7 @@ def make_dependents(kind: str, slots: int, cpus: float, gpus: float):
     return lambda *a, n: list(pool.map_unordered(lambda actor, _: actor.fetch.remote(*a), range(n)))
 
 
-def run_mode(mode: str, state: dict, crc: int, storage: str, registry: Registry, dependents, n: int) -> dict:
+def run_mode(mode: str, state: dict, crc: int, storage: str, registry: str, dependents, n: int) -> dict:
     before = StorePoller.read()
     poller = StorePoller()
     poller.start()
@@ -323,11 +219,11 @@ def run_mode(mode: str, state: dict, crc: int, storage: str, registry: Registry,
 
         node = worker_nodes()[0]["NodeID"]
         base = make_base_task().options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-        b = ray.get(base.remote(storage, registry.args, key))
+        b = ray.get(base.remote(storage, registry, key))
         assert b["crc"] == crc, "the base built on the worker differs from the driver's"
     else:
-        b = finish_base(storage, registry.args, key, state, mode == "object_store")
-    results = dependents(registry.args, key, b["uri"], crc, n=n)
+        b = finish_base(storage, registry, key, state, mode == "object_store")
+    results = dependents(registry, key, b["uri"], crc, n=n)
     poller.stop()
     after = StorePoller.read()
     size = os.path.getsize(os.path.join(b["uri"], "state.pt"))
@@ -395,8 +291,6 @@ def main(argv=None):
     ap.add_argument("--address", help="join this running cluster (left running); default: start our own")
     ap.add_argument("--config", default=str(ROOT / "clusters" / "local-autoscaling.yaml"),
                     help="autoscaling config of the cluster we start")
-    ap.add_argument("--port", type=int, default=6411, help="GCS port of the cluster we start (next free one)")
-    ap.add_argument("--dashboard-port", type=int, default=8411)
     ap.add_argument("--temp-dir", default="/tmp/rtw", help="Ray temp dir of the cluster we start (keep it short)")
     ap.add_argument("--dependents", type=int, default=28)
     ap.add_argument("--workers", type=int, default=2, help="GPU worker nodes to run the dependents on")
@@ -414,10 +308,9 @@ def main(argv=None):
 
     started = None
     if args.address is None:
-        port, dport = free_port(args.port), free_port(args.dashboard_port)
         t = time.time()
-        address = start_cluster(Path(args.config), port, dport, args.temp_dir)
-        started = (args.temp_dir, address)
+        started = LocalCluster.start(args.config, temp_dir=args.temp_dir)
+        address = started.address
         print(f"started a local autoscaling cluster at {address} (temp dir {args.temp_dir}) in "
               f"{time.time() - t:.1f} s", file=sys.stderr)
     else:
@@ -429,16 +322,15 @@ def main(argv=None):
         ray.init(address=address, namespace="raytransfer", log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}})
         head = ray.get_runtime_context().get_node_id()
-        registry = Registry()
-        registry_ours = not registry.existed()
-        registry.create()
+        registry = registry_name(f"bench-cluster-weights-{os.getpid()}")      # ours, never a sweep's
+        ray.get(get_or_create_registry(registry).keys.remote())
         t = time.time()
         state = build_base()
         crc = checksum(state)
         n_params = sum(v.numel() for v in state.values())
         print(f"base: {n_params / 1e6:.1f}M parameters, "
               f"{sum(v.numel() * v.element_size() for v in state.values()) / MB:.0f} MB, built in "
-              f"{time.time() - t:.1f} s; registry {registry.name!r}", file=sys.stderr)
+              f"{time.time() - t:.1f} s; registry {registry!r}", file=sys.stderr)
         launch_s = ensure_workers(args.workers, timeout=180)
         slots = int(round(args.workers / args.gpus_per_dependent))
         dependents = make_dependents(args.dependents_as, slots, args.cpus_per_dependent, args.gpus_per_dependent)
@@ -459,8 +351,8 @@ def main(argv=None):
                       f"{r['samples']} samples), spilled {r['spilled_bytes'] / MB:.0f} MB, record -> holding median "
                       f"{statistics.median(r['held']):.2f} s, fetch_base median {statistics.median(r['fetch']):.2f} s",
                       file=sys.stderr)
-                if r["published"]:                 # free the copy for the next mode (if the API can)
-                    registry.drop(r["key"])
+                if r["published"]:                 # free the copy for the next mode
+                    drop(registry, r["key"])
                     time.sleep(1)
         rows = [merge(rs) for rs in per_mode.values()]
         wall = time.time() - t_all
@@ -475,8 +367,7 @@ def main(argv=None):
         print(table(rows, head))
         for r in rows:
             assert r["ok"], f"{r['mode']}: a dependent's checksum did not match the base's"
-        if registry_ours:
-            registry.remove()
+        remove_registry(registry)
     finally:
         if ray.is_initialized():
             if args.address is not None:
@@ -484,7 +375,7 @@ def main(argv=None):
                 request_resources(bundles=[])
             ray.shutdown()
         if started:
-            stop_cluster(*started)
+            started.stop()
         if own_storage:
             import shutil
             shutil.rmtree(storage, ignore_errors=True)

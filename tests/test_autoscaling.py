@@ -12,7 +12,6 @@ stops only the processes of the cluster it started.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile

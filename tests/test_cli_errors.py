@@ -129,7 +129,8 @@ def test_gpus_asked_of_a_cluster_without_gpus(capsys, cluster, seeded):
     out, before = seeded
     rc, err = run_main(capsys, FLAGS + ["--out", str(out), "--address", cluster.address, "--gpus-per-trial", "1"])
     assert rc == 2
-    one_error(err, "--gpus-per-trial 1.0 asks for GPUs but the cluster has none", "drop the flag")
+    one_error(err, "--gpus-per-trial 1 and --cpus-per-trial 1 per worker fit(s) no node type of this cluster",
+              "alive node (CPU 2; 1 alive)", "the cluster has no GPUs: drop the flag")
     check_nothing_trained_nothing_lost(out, before)
 
 
@@ -143,7 +144,7 @@ def test_more_gpus_per_trial_than_any_node_offers(capsys, cluster, seeded):
     finally:
         cluster.remove_node(node)
     assert rc == 2
-    one_error(err, "--gpus-per-trial 2.0 is more than any node offers (at most 1)")
+    one_error(err, "--gpus-per-trial 2 and --cpus-per-trial 1 per worker fit(s) no node type", "GPU 1", "ask for fewer")
     check_nothing_trained_nothing_lost(out, before)
 
 
@@ -157,7 +158,8 @@ def test_unreachable_ray_address(capsys, env, seeded):
 
 def test_resume_with_a_different_grid(capsys, cluster, env, tmp_path):
     """A real interrupted sweep (its driver killed as soon as Tune saved the experiment), then --resume of
-    another grid: refused, naming the experiment there; the interrupted one stays restorable."""
+    another grid, and of the same grid with another flag: each refused with every difference listed;
+    the interrupted one stays restorable."""
     from ray.tune import Tuner
 
     out = tmp_path / "exp"
@@ -178,8 +180,15 @@ def test_resume_with_a_different_grid(capsys, cluster, env, tmp_path):
 
     rc, err = run_main(capsys, grid + ["--n", "1,2", "--out", str(out), "--resume"])
     assert rc == 2
-    one_error(err, "--resume: no interrupted sweep of this grid", f"a different grid ({exp.name})",
-              "rerun with the same grid flags")
+    one_error(err, f"--resume of the interrupted sweep {exp.name}", "--n 1 (interrupted) vs 1,2 (now)",
+              "--gpus-per-trial 0.0 (interrupted) vs (default) (now)", "the grid: 3 jobs (interrupted) vs 4 (now)",
+              "drop --resume")
+    check_nothing_trained_nothing_lost(out, before)
+    rc, err = run_main(capsys, grid + ["--n", "1", "--gpus-per-trial", "0", "--max-failures", "5", "--out", str(out),
+                                       "--resume"])               # the same grid, another retry budget
+    assert rc == 2
+    one_error(err, "--max-failures 2 (interrupted) vs 5 (now)")
+    assert "the grid" not in err
     check_nothing_trained_nothing_lost(out, before)
     assert Tuner.can_restore(str(exp))
 

@@ -31,7 +31,8 @@ from ray.cluster_utils import Cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = [sys.executable, str(ROOT / "sweeps" / "full_paper.py")]
-FLAGS = ["--scale", "smoke", "--splits", "similar", "--treatments", "AnB", "--gpus-per-trial", "0", "--no-report"]
+FLAGS = ["--scale", "smoke", "--splits", "similar", "--treatments", "AnB", "--gpus-per-trial", "0", "--no-report",
+         "--checkpoint-minutes", "0"]                             # a checkpoint every epoch: something to resume
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,11 @@ def records(out) -> dict:
     return {f.stem: json.loads(f.read_text()) for f in (Path(out) / "jobstore" / "jobs").glob("*.json")}
 
 
+def attempts(out, key) -> list:
+    f = Path(out) / "jobstore" / "attempts" / f"{key}.json"
+    return json.loads(f.read_text()) if f.exists() else []
+
+
 def trial_dirs(out) -> list[Path]:
     return [d for d in Path(out).glob("tune-*/*") if d.is_dir()]
 
@@ -113,7 +119,8 @@ def new_checkpointed(out, old: set) -> list[str]:
     existing means the first is Tune's to restore from.
     """
     done = set(records(out))
-    return sorted({job_of(c.parent) for c in Path(out).glob("tune-*/*/checkpoint_000001")} - old - done)
+    second = [c for c in Path(out).glob("tune-*/*/checkpoint_*") if int(c.name.rsplit("_", 1)[1]) >= 1]
+    return sorted({job_of(c.parent) for c in second} - old - done)
 
 
 def trial_process(key: str) -> psutil.Process | None:
@@ -140,14 +147,16 @@ def copy_of(baseline: Path, tmp_path: Path) -> tuple[Path, dict, pd.DataFrame]:
 
 
 def check_complete(out, n_jobs: int, before: dict, before_rows: pd.DataFrame) -> dict:
-    """Every job done, nothing finished before retrained (bases included), finished rows unchanged."""
+    """Every job done, nothing finished before retrained (bases included), finished rows unchanged, and
+    no trial folder of a done job left behind (its record and weights are the durable copy)."""
     recs = records(out)
     table = pd.read_csv(out / "results.csv")
     assert len(recs) == len(table) == n_jobs and table.job_key.is_unique and (table.status == "done").all()
     assert {k: recs[k]["recorded_at"] for k in before} == {k: r["recorded_at"] for k, r in before.items()}
     for key, r in recs.items():
-        if r["config"]["treatment"] in ("baseA", "baseB"):          # one Tune trial ever, in the clean run
-            assert sum(job_of(d) == key for d in trial_dirs(out)) == 1, key
+        if r["config"]["treatment"] in ("baseA", "baseB"):          # one attempt ever, in the clean run
+            assert r["attempts"] == 1 and len(attempts(out, key)) == 1, key
+    assert not [d for d in trial_dirs(out) if job_of(d) in recs], "trial folders of done jobs are left"
     old = table[table.job_key.isin(before_rows.job_key)].reset_index(drop=True)
     pd.testing.assert_frame_equal(old, before_rows, check_dtype=False)
     return recs
@@ -183,6 +192,7 @@ def test_a_killed_trial_process_retries_from_its_checkpoint(cluster, env, baseli
     m = recs[key]["metrics"]
     assert m["resumed_from_epoch"] is not None and m["resumed_from_epoch"] >= 0, m   # not from scratch
     assert [e["epoch"] for e in m["epoch_log"]] == list(range(m["epochs"]))          # every epoch once
+    assert recs[key]["attempts"] == 2                               # the retry counts against --max-failures
     assert "4/4 jobs done" in text
 
 
@@ -274,3 +284,36 @@ def test_c_killed_driver_resumes_and_a_corrupt_trial_checkpoint_restarts_that_tr
     assert [e["epoch"] for e in m["epoch_log"]] == list(range(m["epochs"]))          # a whole run from scratch
     for k in unfinished[1:]:                                        # an intact checkpoint is resumed
         assert recs[k]["metrics"]["resumed_from_epoch"] >= seen[k], recs[k]["metrics"]
+
+
+def test_d_registry_killed_mid_sweep_transfers_read_their_base_from_storage(cluster, env, tmp_path):
+    """The weights registry (the object-store copies of the bases) dies once the bases are done: every
+    transfer that starts afterwards reads its base's weights from storage and says so in its record."""
+    import ray
+
+    out = tmp_path / "exp"
+    proc, log = start(env, cluster, out, "--n", "1,2", "--treatments", "AnB,BnB")
+    try:
+        wait_for("both bases' records", lambda: sum(r["config"]["treatment"].startswith("base")
+                                                    for r in records(out).values()) == 2, proc, every=0.05)
+        ray.init(address=cluster.address, namespace="raytransfer", log_to_driver=False)
+        try:
+            names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["name"].startswith("raytransfer-weights-")]
+            assert len(names) == 1, names                           # one registry, this sweep's
+            ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+            killed_at = time.time()
+        finally:
+            ray.shutdown()
+    except BaseException:
+        proc.kill()
+        raise
+    finish(proc, log)
+    recs = records(out)
+    transfers = {k: r for k, r in recs.items() if not r["config"]["treatment"].startswith("base")}
+    assert len(recs) == 6 and len(transfers) == 4
+    after = [r for r in transfers.values() if r["started_at"] > killed_at]
+    assert after and all(r["base_weights_via"] == "storage" for r in after), transfers
+    assert all(r["base_weights_via"] in ("object_store", "storage") for r in transfers.values())
+    table = pd.read_csv(out / "results.csv")
+    assert set(table.base_weights_via.dropna()) <= {"object_store", "storage"} and (table.status == "done").all()

@@ -1,6 +1,7 @@
 """The training loop of one trial on a small beton: it learns, reports every epoch and resumes, both in
 the trial's own process and under Ray Train's TorchTrainer (two CPU workers, DDP over gloo)."""
 import copy
+import functools
 import os
 import shutil
 import sys
@@ -147,6 +148,11 @@ def train_fn_failing_once(config):
         ray.train.report = real_report
 
 
+def base_from(uri: str):
+    """What the sweep hands a Train worker as `load_base`: (weights, where they came from)."""
+    return load_weights(uri), "storage"
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
@@ -180,7 +186,8 @@ def test_torch_trainer_learns_checkpoints_and_resumes_after_a_failure(dataset, b
     scratch.mkdir()
     trainer = TorchTrainer(
         train_fn_failing_once,
-        train_loop_config={"spec": trial_spec(dataset, "BnB", 1), "base_uri": str(base_dir), "scratch": str(scratch)},
+        train_loop_config={"spec": trial_spec(dataset, "BnB", 1), "load_base": functools.partial(base_from, str(base_dir)),
+                           "checkpoint_minutes": 0, "scratch": str(scratch)},
         scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
         run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="t",
                                        failure_config=ray.train.FailureConfig(max_failures=1)))

@@ -5,9 +5,10 @@ starts its GPU workers at min_workers 0): the trials that wait for GPUs are what
 autoscaler launch them. So trial sizes are checked, and concurrency sized, against the node types
 the cluster *can* have, not the nodes it has at submit time.
 
-Where the node types come from, first found wins: the cluster config the autoscaler reports to the
-GCS (KubeRay, autoscaler v2); the autoscaling config file of the head's monitor process (`ray up`'s
-~/ray_bootstrap_config.yaml, `ray start --head --autoscaling-config=FILE`); RAYTRANSFER_CLUSTER_CONFIG.
+Where the node types come from, first found wins: RAYTRANSFER_CLUSTER_CONFIG (a cluster-config
+file); the cluster config the autoscaler reports to the GCS (autoscaler v2); the autoscaling config
+file of this cluster's monitor process on the driver's machine (`ray up`'s ~/ray_bootstrap_config.yaml,
+`ray start --head --autoscaling-config=FILE`).
 Without any of them the cluster is taken to be fixed: the nodes alive now.
 
     types = cluster_node_types()                     # in the driver, after ray.init
@@ -67,6 +68,8 @@ def cluster_node_types() -> list[NodeType]:
 def launchable_node_types() -> list[NodeType]:
     import ray
 
+    if os.environ.get("RAYTRANSFER_CLUSTER_CONFIG"):          # the user's word wins
+        return _from_config_file(Path(os.environ["RAYTRANSFER_CLUSTER_CONFIG"]))
     types = _from_gcs()
     if types is None:
         path = autoscaling_config_path(ray.get_runtime_context().gcs_address)
@@ -89,8 +92,6 @@ def _from_gcs() -> list[NodeType] | None:
 def autoscaling_config_path(gcs_address: str | None = None) -> Path | None:
     """The autoscaling config of the cluster's Ray monitor on this machine (the driver runs on the head:
     `ray job submit`), if any; only a monitor of this cluster (its --gcs-address) counts."""
-    if os.environ.get("RAYTRANSFER_CLUSTER_CONFIG"):
-        return Path(os.environ["RAYTRANSFER_CLUSTER_CONFIG"])
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")

@@ -1,7 +1,8 @@
 """Base weights through the Ray object store: a named, detached actor owns them, one per sweep.
 
 The driver creates the registry (an actor created inside a trial dies with the trial's placement
-group); a finished base sends its weights as numpy arrays, the actor `ray.put`s them once, and every
+group); a finished base saves its weights to storage and names them to the actor, which reads them
+and `ray.put`s them once (so only that copy is ever in the object store), and every
 dependent reads them by key: zero-copy on the node that holds them, one pull per other node. The
 driver drops a base once every dependent of it in the sweep is done, and removes the registry when
 the sweep ends, so nothing of a finished sweep stays in a long-lived cluster's object store. The
@@ -32,8 +33,12 @@ class WeightsRegistry:
     def __init__(self):
         self._refs = {}
 
-    def store(self, key: str, state_np: dict):
-        self._refs[key] = ray.put(state_np)          # the actor owns the object: it outlives the trial
+    def store(self, key: str, uri: str):
+        """Read a base's durable weights and put them in the object store: one copy, owned here (it
+        outlives the trial that trained the base), nothing large passed in the call."""
+        from .store import load_weights
+
+        self._refs[key] = ray.put({k: v.numpy() for k, v in load_weights(uri).items()})
 
     def get_ref(self, key: str):
         ref = self._refs.get(key)
@@ -69,13 +74,14 @@ def remove_registry(name: str):
         ray.kill(reg, no_restart=True)
 
 
-def publish(name: str, key: str, state_dict: dict) -> bool:
-    """Offer a finished base's weights to its dependents (best effort: the URI stays the truth)."""
+def publish(name: str, key: str, uri: str) -> bool:
+    """Offer a finished base's weights (saved at `uri`) to its dependents; best effort: the URI stays
+    the truth."""
     reg = _registry(name)
     if reg is None:
         return False
     try:
-        ray.get(reg.store.remote(key, {k: v.detach().cpu().numpy() for k, v in state_dict.items()}), timeout=60)
+        ray.get(reg.store.remote(key, uri), timeout=300)
     except Exception as e:                            # actor gone (its node died): dependents read the URI
         log.warning("weights registry unavailable (%s): %s is only in storage", e, key)
         return False

@@ -16,10 +16,9 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..recipes import get_recipe

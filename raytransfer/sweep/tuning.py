@@ -89,7 +89,7 @@ def record_outcome(store: JobStore, key: str, spec: dict, summary: dict, config:
         return {"final": True, "failed": True, "failure_reason": reason, "val_top1": float("nan")}
     uri = store.save_weights(key, summary["state_dict"])
     if spec["treatment"] in ("baseA", "baseB"):
-        publish(config["registry"], key, summary["state_dict"])
+        publish(config["registry"], key, uri)
     store.write(key, {**common, "metrics": metrics, "weights_uri": uri,
                       "base_weights_via": summary.get("base_weights_via"), "versions": _versions()})
     if config["host"] == "train":                  # durable now: the Train run's folder is not needed
