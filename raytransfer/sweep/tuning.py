@@ -251,22 +251,68 @@ def check_address(address: str | None):
 
 class TrialCleanup(tune.Callback):
     """Once a job's record is durable, its Tune trial folder (checkpoints, logs) goes: in storage and in
-    the driver's staging copy, which Tune would otherwise upload again at its next snapshot."""
+    the driver's staging copy, which Tune would otherwise upload again at its next snapshot.
 
-    def __init__(self, storage: str):
-        self.storage = storage
+    Not at once: until Tune's experiment snapshot in storage knows the trial ended, a driver killed
+    now would be resumed (--resume) with that trial still running, and Tune would try to restore it
+    from the deleted checkpoint. So a folder goes once a snapshot newer than the trial's end is in
+    storage; `remove_done_trial_folders` takes whatever is left when the sweep ends."""
+
+    def __init__(self, storage: str, check_every_s: float = 5.0):
+        self.storage, self.check_every_s = storage, check_every_s
+        self.pending, self.last_check = [], 0.0
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        import shutil
+        if JobStore(self.storage).read(trial.config.get("job_key", "")) is not None:
+            self.pending.append((time.time(), trial))      # failed or unfinished: its folder helps to see why
 
-        if JobStore(self.storage).read(trial.config.get("job_key", "")) is None:
-            return                                     # failed or unfinished: its folder helps to see why
-        try:
-            trial.storage.storage_filesystem.delete_dir(trial.path)
-        except (FileNotFoundError, OSError):
-            pass
-        if trial.local_path:
-            shutil.rmtree(trial.local_path, ignore_errors=True)
+    def on_step_end(self, iteration, trials, **info):
+        if not self.pending or time.time() - self.last_check < self.check_every_s:
+            return
+        self.last_check = time.time()
+        storage = self.pending[0][1].storage
+        snapshot = _newest_snapshot(storage.storage_filesystem, storage.experiment_fs_path)
+        keep = []
+        for ended, trial in self.pending:
+            if snapshot > ended + 1.0:                     # mtime resolution: a second to spare
+                _remove_trial_folder(trial.storage.storage_filesystem, trial.path, trial.local_path)
+            else:
+                keep.append((ended, trial))
+        self.pending = keep
+
+
+def _newest_snapshot(fs, exp_path: str) -> float:
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(exp_path, allow_not_found=True))
+    times = [i.mtime.timestamp() for i in infos if i.base_name.startswith("experiment_state") and i.mtime]
+    return max(times, default=0.0)
+
+
+def _remove_trial_folder(fs, path: str, local_path: str | None = None):
+    import shutil
+
+    try:
+        fs.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        pass
+    if local_path:
+        shutil.rmtree(local_path, ignore_errors=True)
+
+
+def remove_done_trial_folders(store: JobStore, exp_path: str) -> int:
+    """After the sweep (Tune's last snapshot written): the trial folders of every done job."""
+    import pyarrow.fs
+
+    from .store import _split_uri
+
+    fs, root = _split_uri(exp_path)
+    done, removed = store.completed(refresh=True), 0
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.rsplit("_", 1)[0] in done:
+            _remove_trial_folder(fs, info.path)
+            removed += 1
+    return removed
 
 
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "fuse", "9p", "beegfs", "glusterfs")
@@ -380,6 +426,7 @@ def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, ar
                                           failure_config=tune.FailureConfig(max_failures=args.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()
+        remove_done_trial_folders(store, exp_path)
     finally:
         try:
             remove_registry(registry)
