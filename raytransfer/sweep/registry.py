@@ -19,6 +19,8 @@ import logging
 import numpy as np
 import ray
 
+from .store import load_weights          # imported with the actor's class: nothing to import later
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "raytransfer"
@@ -31,13 +33,16 @@ def registry_name(experiment: str) -> str:
 @ray.remote(num_cpus=0)
 class WeightsRegistry:
     def __init__(self):
+        import os
+        import tempfile
+
         self._refs = {}
+        os.chdir(tempfile.gettempdir())  # not the job's working dir: on a one-machine test cluster another
+                                         # node's runtime-env agent may delete that shared folder under us
 
     def store(self, key: str, uri: str):
         """Read a base's durable weights and put them in the object store: one copy, owned here (it
         outlives the trial that trained the base), nothing large passed in the call."""
-        from .store import load_weights
-
         self._refs[key] = ray.put({k: v.numpy() for k, v in load_weights(uri).items()})
 
     def get_ref(self, key: str):
@@ -112,8 +117,6 @@ def fetch_ref(name: str, key: str):
 
 def fetch_base(name: str, key: str, uri: str) -> tuple[dict, str]:
     """A base's weights: from the object store when it has them, else from the durable URI."""
-    from .store import load_weights
-
     ref = fetch_ref(name, key)
     if ref is not None:
         try:
