@@ -12,6 +12,8 @@ import datetime
 import html
 import importlib.util
 import json
+import time
+import os
 import logging
 from pathlib import Path
 
@@ -99,7 +101,21 @@ def build_report(results_dir: Path, out_dir: Path | None = None, dataset: str | 
     results_dir = Path(results_dir)
     rows = load_rows(results_dir)
     return build_report_from_rows(rows, load_curves(results_dir), out_dir or results_dir,
-                                  source=str(results_dir), dataset=dataset, arch=arch, recipe=recipe)
+                                  source=str(results_dir), dataset=dataset, arch=arch, recipe=recipe,
+                                  progress=sweep_progress(results_dir))
+
+
+def sweep_progress(results_dir: Path) -> str | None:
+    """'N of M networks' while a sweep runs (its runner writes sweep_progress.json), else None."""
+    f = Path(results_dir) / "sweep_progress.json"
+    try:
+        p = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(p["updated_at"]))
+    state = "the sweep has ended" if p.get("final") else "the sweep is running: this page is rebuilt as jobs land"
+    failed = f", {p['failed']} failed" if p.get("failed") else ""
+    return f"This report holds {p['done']} of the {p['planned']} networks of its sweep{failed} ({state}; updated {when})."
 
 
 def pick_setting(rows: pd.DataFrame, dataset=None, arch=None, recipe=None) -> tuple[pd.DataFrame, list[str]]:
@@ -130,7 +146,8 @@ def build_figures(rows: pd.DataFrame, curves: pd.DataFrame, paper: pd.DataFrame 
 
 
 def build_report_from_rows(rows: pd.DataFrame, curves: pd.DataFrame, out_dir: Path, source: str,
-                           dataset=None, arch=None, recipe=None, paper_overlay: bool = True) -> Path:
+                           dataset=None, arch=None, recipe=None, paper_overlay: bool = True,
+                           progress: str | None = None) -> Path:
     """Build every output from rows of the results table (already normalised)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,17 +167,24 @@ def build_report_from_rows(rows: pd.DataFrame, curves: pd.DataFrame, out_dir: Pa
     figs = build_figures(rows, curves, paper)
     results_table1 = table1(rows)
     check = science_check(rows)
-    (out_dir / "table1.json").write_text(json.dumps(results_table1, indent=2) + "\n")
-    (out_dir / "science_check.json").write_text(json.dumps(check, indent=2) + "\n")
+    atomic_write(out_dir / "table1.json", lambda p: p.write_text(json.dumps(results_table1, indent=2) + "\n"))
+    atomic_write(out_dir / "science_check.json", lambda p: p.write_text(json.dumps(check, indent=2) + "\n"))
     for name, fig in figs.items():
-        fig.write_html(out_dir / f"{name}.html", include_plotlyjs=True, config=PLOT_CONFIG)
+        atomic_write(out_dir / f"{name}.html", lambda p: fig.write_html(p, include_plotlyjs=True, config=PLOT_CONFIG))
     notes += missing_notes(rows, curves) + [export_static(figs, out_dir)]
 
-    page = render_page(figs, check, rows, notes, source)
+    page = render_page(figs, check, rows, notes, source, progress)
     path = out_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
+    atomic_write(path, lambda p: p.write_text(page, encoding="utf-8"))   # a reader never sees half a page
     log.info("wrote %s (%d networks)", path, len(rows))
     return path
+
+
+def atomic_write(path: Path, write):
+    """write(tmp) then rename over `path`: a live report is replaced whole, never seen half written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def export_static(figs: dict[str, go.Figure], out_dir: Path) -> str:
@@ -230,7 +254,8 @@ def _div(fig: go.Figure, name: str, post_script: str | None = None) -> str:
                        post_script=post_script)
 
 
-def render_page(figs: dict[str, go.Figure], check: dict, rows: pd.DataFrame, notes: list[str], source: str) -> str:
+def render_page(figs: dict[str, go.Figure], check: dict, rows: pd.DataFrame, notes: list[str], source: str,
+                progress: str | None = None) -> str:
     """The whole report as one HTML string, plotly.js inlined once."""
     created = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     note_items = "".join(f"<li>{html.escape(note)}</li>" for note in notes if note)
@@ -246,6 +271,7 @@ def render_page(figs: dict[str, go.Figure], check: dict, rows: pd.DataFrame, not
 <h1>How transferable are features? — report</h1>
 <p class="meta">source: {html.escape(source)} · {len(rows)} finished networks · metric: {METRIC} (mean of the 10
 best validation evaluations) · built {html.escape(created)}</p>
+{f'<p class="meta" id="sweep-progress"><b>{html.escape(progress)}</b></p>' if progress else ""}
 <pre id="report-errors" hidden></pre>
 {science_html(check)}
 <div class="grid">

@@ -1,10 +1,11 @@
-"""The `raytransfer` command: prepare | split | layers | report (the sweep is `sweeps/full_paper.py`).
+"""The `raytransfer` command: prepare | split | layers | report | status (the sweep is `sweeps/full_paper.py`).
 
     raytransfer prepare synthetic --out data/synthetic
     raytransfer prepare imagenet /data/ILSVRC2012 --out /mnt/betons/imagenet --resolution 256
     raytransfer split imagenet-1k --kind similar --seed 0 --out split.json
     raytransfer layers caffenet
     raytransfer report RESULTS_DIR
+    raytransfer status STORAGE [--json]          # a running (or dead) sweep, from its job store: no Ray
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def run_report(args) -> int:
 
 def main(argv=None) -> int:
     from . import splits
+    from .sweep.status import add_status_args, run_status
 
     parser = argparse.ArgumentParser(prog="raytransfer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +87,7 @@ def main(argv=None) -> int:
         "split": (splits.add_split_arguments, splits.run_split, "make a class split manifest"),
         "layers": (add_layers_args, run_layers, "print an architecture's table of transferable layers"),
         "report": (add_report_args, run_report, "(re)build the interactive report of a results folder"),
+        "status": (add_status_args, run_status, "where a sweep stands, from its --storage alone (no Ray needed)"),
     }
     for name, (add_args, _, help_text) in commands.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))

@@ -301,3 +301,11 @@ def test_analysis_imports_neither_ray_nor_torch():
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def test_t_quantile_is_students_t():
+    """scipy's Student's t: the table values the paired intervals use (two-sided 95 %)."""
+    from analysis.stats import t_quantile
+
+    for df, value in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423)):
+        assert abs(t_quantile(0.975, df) - value) < 1e-4, df

@@ -12,6 +12,7 @@ stops only the processes of the cluster it started.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -76,6 +77,7 @@ def test_smoke_sweep_as_a_ray_job_trains_on_autoscaled_gpu_workers(cluster, tmp_
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-5000:]
     assert "host=process, 1 GPU + 1 CPU per trial on gpu_worker" in logs       # GPUs asked for, none alive at submit
+    assert re.search(r"Number of trials\s+13\b", logs)              # Tune's banner: the real number of jobs
 
     table = pd.read_csv(out / "results.csv")
     recs = {f.stem: json.loads(f.read_text()) for f in (out / "jobstore" / "jobs").glob("*.json")}
@@ -92,7 +94,9 @@ def test_smoke_sweep_as_a_ray_job_trains_on_autoscaled_gpu_workers(cluster, tmp_
 
     # what the storage keeps: records, final weights, Tune's experiment state, the results; no trial folders
     kept = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    allowed = ("jobstore/jobs/", "jobstore/weights/", "jobstore/attempts/", "splits/", "results.", "curves.csv")
+    allowed = ("jobstore/jobs/", "jobstore/weights/", "jobstore/attempts/", "jobstore/sweep.json",
+               "jobstore/heartbeat.json", "splits/", "results.", "curves.csv", "sweep_progress.json",
+               "tensorboard/")                                 # TensorBoard's event files, kept per job
     tune_state = [k for k in kept if k.startswith("tune-")]
     assert all(k.count("/") == 1 for k in tune_state), tune_state   # the experiment's own files, no trial dirs
     assert not [k for k in kept if not k.startswith(allowed) and k not in tune_state], kept

@@ -144,7 +144,7 @@ def test_progress_line_counts_running_trials_and_estimates_what_is_left(capsys):
     RUNNING in that callback); the ETA is the jobs left x the mean trial length / concurrency."""
     from types import SimpleNamespace
 
-    from raytransfer.sweep.tuning import SweepProgress
+    from raytransfer.sweep.monitor import SweepProgress
 
     progress = SweepProgress(total=5, done=1, concurrency=2)
     trials = [SimpleNamespace(status="RUNNING", last_result={"wall_s": 60.0}) for _ in range(2)]

@@ -24,6 +24,7 @@ from pathlib import Path
 from ..recipes import get_recipe
 from ..synthetic import SyntheticSpec
 from .errors import SweepError
+from .monitor import LiveReport, MLflowJobs
 from .jobs import DIRECTIONS, MAX_N, SPLIT_KINDS, TREATMENTS, Dataset, Job, build_jobs, expand_axes
 from .results import write_results
 from .store import JobStore, _split_uri
@@ -75,7 +76,11 @@ def add_sweep_args(p: argparse.ArgumentParser):
                    help="most trials at once (default: as many as the cluster has or its autoscaler can launch)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard (local Ray)")
-    p.add_argument("--no-report", action="store_true", help="skip building report.html at the end")
+    p.add_argument("--no-report", action="store_true", help="skip building report.html")
+    p.add_argument("--report-every", type=float, default=3.0,
+                   help="minutes between rebuilds of results.csv and report.html while the sweep runs (0: at the end only)")
+    p.add_argument("--mlflow", metavar="URI", help="log every job as one MLflow run to this tracking URI")
+    p.add_argument("--mlflow-experiment", help="MLflow experiment name (default: the sweep's name)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --out/--storage")
     p.add_argument("--dry-run", action="store_true", help="print the job table and an estimate; train nothing")
 
@@ -224,35 +229,72 @@ def run(grid: dict, args, name: str) -> int:
     from .tuning import fit_sweep
 
     t0 = time.time()
+
+    def publish(final: bool) -> tuple:
+        """The results table (done and failed rows) and, unless --no-report, the report: live or final."""
+        records = store.completed(refresh=True)
+        for r in records.values():
+            r.setdefault("dataset", dataset.name)
+        failed = store.failed()
+        table = write_results(out, jobs, records, failed)
+        progress = {"planned": len(jobs), "done": len(table), "failed": sum(k in failed and k not in records
+                                                                            for k in (j.key for j in jobs)),
+                    "final": final, "updated_at": time.time()}
+        (out / "sweep_progress.json").write_text(json.dumps(progress))
+        report = None
+        if not args.no_report and len(table):
+            from analysis import build_report
+            report = build_report(out)
+        return records, failed, table, report
+
+    callbacks = [LiveReport(publish, every_s=args.report_every * 60)] if args.report_every > 0 else []
+    if args.mlflow:
+        callbacks.append(MLflowJobs(args.mlflow, args.mlflow_experiment or name))
     here = os.getcwd()
     os.chdir(out)          # every path is absolute by now; a Ray job's working dir can vanish under the driver
     try:                   # (Ray's local autoscaler: all its nodes share one runtime_resources folder)
-        fit_sweep(jobs, done, store, storage, exp_name, args)
+        info = fit_sweep(jobs, done, store, storage, exp_name, args, callbacks) or {}
     finally:
         try:
             os.chdir(here)
         except OSError:
             pass
-    # [4] the table and the report
-    records = store.completed(refresh=True)
-    for k, r in records.items():
-        r.setdefault("dataset", dataset.name)
-    failed = store.failed()
-    table = write_results(out, jobs, records, failed)
+    # [4] the table, the report, the summary
+    records, failed, table, report = publish(final=True)
     missing = [j.key for j in jobs if j.key not in records]
-    for key in [k for k in missing if k in failed]:
-        print(f"[sweep] {key} failed: {failed[key].get('reason')}")
     dropped = sorted(k for k in done if k not in records)      # a trial found their weights unreadable
     if dropped:
         print(f"[sweep] the weights of {', '.join(dropped)} were unreadable (corrupt): their record was dropped; "
               "rerun the same command to retrain them alone, then the jobs that need them")
-    print(f"[sweep] {len(table)}/{len(jobs)} jobs done in {time.time() - t0:.0f} s; results: {out / 'results.csv'}")
-    if missing:
-        print(f"[sweep] {len(missing)} job(s) not done (rerun the same command to retry them): {', '.join(missing[:5])}")
-    if not args.no_report and len(table):
-        from analysis import build_report
-        print(f"[sweep] report: {build_report(out)}")
+    print(summary_block(jobs, done, records, failed, time.time() - t0, out, report, info.get("dashboard")), flush=True)
     return 0 if not missing else 1
+
+
+def summary_block(jobs, done_before: dict, records: dict, failed: dict, wall_s: float, out: Path, report,
+                  dashboard: str | None) -> str:
+    """The sweep's last words: jobs, wall time, GPU-hours, failures, where the results and report are."""
+    from .monitor import hms
+    from .status import job_hours
+
+    keys = {j.key for j in jobs}
+    new = [r for k, r in records.items() if k in keys and k not in done_before]
+    gpu_h = sum(job_hours(r)[0] for r in new)
+    trial_h = sum(job_hours(r)[1] for r in new)
+    bad = {k: r for k, r in failed.items() if k in keys and k not in records}
+    missing = [k for k in sorted(keys) if k not in records and k not in bad]
+    lines = ["[sweep] ---------------------------------------------------------------- summary",
+             f"[sweep] jobs: {len(jobs)} in the grid: {len(keys & set(records))} done ({len(new)} trained now, "
+             f"{len(keys & set(done_before))} done before), {len(bad)} failed, {len(missing)} not run",
+             f"[sweep] wall time {hms(wall_s)}; trained now: {gpu_h:.2f} GPU-hours, {trial_h:.2f} hours of trials",
+             f"[sweep] results: {out / 'results.csv'}"]
+    lines += [f"[sweep] failed: {k}: {r.get('reason')}" for k, r in sorted(bad.items())]
+    if missing:
+        lines.append(f"[sweep] not run (rerun the same command to retry them): {', '.join(missing[:5])}"
+                     + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    lines.append(f"[sweep] report: {report}" if report else "[sweep] report: not built (--no-report, or no job done)")
+    if dashboard:
+        lines.append(f"[sweep] Ray dashboard (while the cluster runs): {dashboard}")
+    return "\n".join(lines)
 
 
 INVOCATION = "raytransfer-invocation.json"

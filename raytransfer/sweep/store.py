@@ -23,6 +23,7 @@ import pyarrow.fs
 import torch
 
 RECORDS, WEIGHTS, FAILED, ATTEMPTS = "jobs", "weights", "failed", "attempts"
+SWEEP, HEARTBEAT = "sweep.json", "heartbeat.json"
 
 
 def _split_uri(uri: str):
@@ -90,6 +91,29 @@ class JobStore:
         self.fs.create_dir(f"{self.root}/{ATTEMPTS}", recursive=True)
         self._atomic_write(path, json.dumps(attempts).encode())
         return len(attempts)
+
+    def write_sweep(self, plan: dict):
+        """The running sweep's plan (its jobs, one row each), for `raytransfer status` without Ray."""
+        self.fs.create_dir(self.root, recursive=True)
+        self._atomic_write(f"{self.root}/{SWEEP}", json.dumps({**plan, "written_at": time.time()}).encode())
+
+    def read_sweep(self) -> dict | None:
+        return self._read_json(f"{self.root}/{SWEEP}")
+
+    def write_heartbeat(self, beat: dict):
+        """What the driver sees now (running jobs, the dashboard): `status` tells a live sweep from a dead one."""
+        self._atomic_write(f"{self.root}/{HEARTBEAT}", json.dumps({**beat, "at": time.time()}).encode())
+
+    def read_heartbeat(self) -> dict | None:
+        return self._read_json(f"{self.root}/{HEARTBEAT}")
+
+    def all_attempts(self) -> dict[str, list]:
+        out = {}
+        sel = pyarrow.fs.FileSelector(f"{self.root}/{ATTEMPTS}", allow_not_found=True)
+        for info in self.fs.get_file_info(sel):
+            if info.path.endswith(".json"):
+                out[os.path.basename(info.path)[:-5]] = self._read_json(info.path) or []
+        return out
 
     def attempts(self, key: str) -> list:
         return self._read_json(f"{self.root}/{ATTEMPTS}/{key}.json") or []

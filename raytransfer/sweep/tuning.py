@@ -26,6 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .capacity import cluster_node_types, plan_trials
 from .errors import SweepError
+from .monitor import SweepProgress, keep_tensorboard
 from .registry import drop, fetch_base, get_or_create_registry, publish, registry_name, remove_registry
 from .searcher import DependencySearcher
 from .store import CorruptWeights, JobStore, delete_tree
@@ -41,6 +42,7 @@ def run_job(config: dict):
     from ..hosts import TrialSetupError, node_id, run_in_tune_process
 
     key, spec = config["job_key"], config["spec"]
+    _title(f"ray::raytransfer {key}")              # the dashboard's process list names the job, not ImplicitFunc
     for quiet in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
         logging.getLogger(quiet).setLevel(logging.WARNING)     # one "Checkpoint created" line per epoch is noise
     store = JobStore(config["storage"])
@@ -95,6 +97,13 @@ def record_outcome(store: JobStore, key: str, spec: dict, summary: dict, config:
     if config["host"] == "train":                  # durable now: the Train run's folder is not needed
         delete_tree(f"{config['storage'].rstrip('/')}/{_train_run_name(spec)}")
     return {**_scalars(metrics), "weights_uri": uri, "final": True}
+
+
+def _title(title: str):
+    try:
+        ray._raylet.setproctitle(title)           # Ray's own (private) setter; cosmetic, so never fatal
+    except Exception:
+        pass
 
 
 def load_base_weights(registry: str, base_key: str, uri: str, storage: str):
@@ -176,53 +185,8 @@ def _versions() -> dict:
     return out
 
 
-class SweepProgress(tune.Callback):
-    """One console line: jobs done / total, running, failed, an ETA; at most every `every_s` seconds."""
-
-    def __init__(self, total: int, done: int, concurrency: int | None, every_s: float = 10.0):
-        self.total, self.concurrency, self.every_s = total, concurrency, every_s
-        self.done = done
-        self.failed = 0
-        self.last = 0.0
-        self.walls = []
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
-        last = trial.last_result or {}
-        wall = last.get("time_total_s") or last.get("wall_s")      # Tune's clock includes a trial's start-up
-        if wall:
-            self.walls.append(wall)
-        self._print(trials, force=True, ending=trial)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.failed += 1
-        self._print(trials, force=True, ending=trial)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._print(trials)
-
-    def _print(self, trials, force=False, ending=None):
-        now = time.time()
-        if not force and now - self.last < self.every_s:
-            return
-        self.last = now                                # a trial that just ended is still RUNNING in Tune's books
-        running = sum(t.status == "RUNNING" and t is not ending for t in trials)
-        left = self.total - self.done - self.failed
-        eta = ""
-        if self.walls and left > 0:                    # jobs left x their mean length, `concurrency` at a time
-            at_once = self.concurrency or max(1, running)     # autoscaling without a cap: as many as run now
-            eta = f", ETA {_hms(sum(self.walls) / len(self.walls) * left / at_once)}"
-        print(f"[sweep] {self.done}/{self.total} jobs done, {running} running, {self.failed} failed{eta}",
-              flush=True)
-
-
-def _hms(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def init_ray(args):
-    """Join the cluster at --address, or start a local Ray; print the dashboard URL."""
+def init_ray(args) -> str:
+    """Join the cluster at --address, or start a local Ray; print (and return) the dashboard URL."""
     check_address(args.address)
     kwargs = {"namespace": NAMESPACE, "log_to_driver": True}
     try:
@@ -235,6 +199,7 @@ def init_ray(args):
         raise SweepError(f"cannot reach a Ray cluster at {args.address} ({e}): start it or fix --address") from None
     url = getattr(ctx, "dashboard_url", "")
     print(f"[sweep] Ray dashboard: {'http://' + url if url else '(not running)'}", flush=True)
+    return f"http://{url}" if url else ""
 
 
 def check_address(address: str | None):
@@ -275,10 +240,17 @@ class TrialCleanup(tune.Callback):
         keep = []
         for ended, trial in self.pending:
             if snapshot > ended + 1.0:                     # mtime resolution: a second to spare
+                if trial.local_path:
+                    keep_tensorboard(_local_fs(), trial.local_path, self.storage, trial.config["job_key"])
                 _remove_trial_folder(trial.storage.storage_filesystem, trial.path, trial.local_path)
             else:
                 keep.append((ended, trial))
         self.pending = keep
+
+
+def _local_fs():
+    import pyarrow.fs
+    return pyarrow.fs.LocalFileSystem()
 
 
 def _newest_snapshot(fs, exp_path: str) -> float:
@@ -301,7 +273,8 @@ def _remove_trial_folder(fs, path: str, local_path: str | None = None):
 
 
 def remove_done_trial_folders(store: JobStore, exp_path: str) -> int:
-    """After the sweep (Tune's last snapshot written): the trial folders of every done job."""
+    """After the sweep (Tune's last snapshot written): the trial folders of every done job (their
+    TensorBoard event files kept under STORAGE/tensorboard/)."""
     import pyarrow.fs
 
     from .store import _split_uri
@@ -309,7 +282,9 @@ def remove_done_trial_folders(store: JobStore, exp_path: str) -> int:
     fs, root = _split_uri(exp_path)
     done, removed = store.completed(refresh=True), 0
     for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
-        if info.type == pyarrow.fs.FileType.Directory and info.base_name.rsplit("_", 1)[0] in done:
+        key = info.base_name.rsplit("_", 1)[0]
+        if info.type == pyarrow.fs.FileType.Directory and key in done:
+            keep_tensorboard(fs, info.path, store.storage, key)
             _remove_trial_folder(fs, info.path)
             removed += 1
     return removed
@@ -373,10 +348,10 @@ def _filesystem_type(path: str) -> str | None:
     return best[1] if best else None
 
 
-def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, args):
+def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, args, callbacks=()) -> dict:
     """[3] Ray, the trial plan and the registry, [4] one Tuner.fit() (or Tuner.restore with --resume);
     the registry (and every base copy it holds) is removed when the sweep ends, however it ends."""
-    init_ray(args)
+    dashboard = init_ray(args)
     registry = registry_name(f"{exp_name}-{hashlib.sha256(storage.encode()).hexdigest()[:6]}")
     try:
         types = cluster_node_types()
@@ -391,8 +366,10 @@ def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, ar
         at_once = f"up to {plan.concurrency} at once" if plan.concurrency else "as many at once as the autoscaler launches"
         print(f"[sweep] {len(jobs)} jobs, {len(jobs) - len(todo)} done, {len(todo)} to run; host={plan.host}, "
               f"{size} per trial on {where}; {at_once}", flush=True)
+        store.write_sweep({"experiment": exp_name, "gpus_per_trial": plan.gpus_per_worker * args.workers_per_trial,
+                           "jobs": [j.row() for j in jobs]})
         if not todo:
-            return
+            return {"plan": plan, "dashboard": dashboard}
         if plan.host == "process":
             resources = {"CPU": args.cpus_per_trial, **({"GPU": plan.gpus_per_worker} if plan.gpus_per_worker else {})}
         elif "TRAIN_DRIVER" in ray.cluster_resources():
@@ -404,7 +381,7 @@ def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, ar
                      "gpus_per_trial": plan.gpus_per_worker, "workers_per_trial": args.workers_per_trial,
                      "checkpoint_minutes": args.checkpoint_minutes, "registry": registry,
                      "test_cluster": plan.test_cluster}
-        progress = SweepProgress(len(jobs), len(jobs) - len(todo), plan.concurrency)
+        progress = SweepProgress(len(jobs), len(jobs) - len(todo), plan.concurrency, store=store, dashboard=dashboard)
         exp_path = f"{storage.rstrip('/')}/{exp_name}"
         # Tune warns at every experiment snapshot of short trials; the snapshot is what makes --resume safe.
         # Its closing analysis misses the trial folders TrialCleanup removed: the job store has the results.
@@ -417,17 +394,23 @@ def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, ar
                                           release=functools.partial(drop, registry))
             tuner = tune.Tuner(
                 trainable, param_space=constants,
-                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
+                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(todo),     # Tune's banner: the real count
                                             max_concurrent_trials=plan.concurrency,
                                             reuse_actors=plan.host == "process",
+                                            trial_name_creator=lambda t: t.config["job_key"],
                                             trial_dirname_creator=lambda t: f"{t.config['job_key']}_{t.trial_id}"),
                 run_config=tune.RunConfig(name=exp_name, storage_path=storage, verbose=0,
-                                          callbacks=[progress, TrialCleanup(storage)],
+                                          callbacks=[progress, TrialCleanup(storage), *callbacks],
                                           failure_config=tune.FailureConfig(max_failures=args.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()
         remove_done_trial_folders(store, exp_path)
+        return {"plan": plan, "dashboard": dashboard}
     finally:
+        try:
+            store.write_heartbeat({"running": [], "ended": True, "dashboard": dashboard})   # for `status`
+        except OSError:
+            pass
         try:
             remove_registry(registry)
         finally:

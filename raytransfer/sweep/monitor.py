@@ -1,0 +1,216 @@
+"""Watching a sweep while it runs: the console, the live report, trackers (MLflow, TensorBoard), the
+heartbeat `raytransfer status` reads. Each is a Ray Tune callback in the driver.
+
+- SweepProgress: one updating bar on a terminal (tqdm), plain lines when the output is not one
+  (logs, `ray job logs`): jobs done / running / failed, an ETA, the dashboard URL; it also writes the
+  heartbeat (the running jobs) into the job store.
+- LiveReport: results.csv and report.html rebuilt as jobs land, at most every `every_s`, atomically.
+- MLflowJobs: every job one MLflow run (params: its settings and key; per-epoch metrics; the final row).
+- TensorBoard: Tune writes event files per trial (tensorboardX); `keep_tensorboard` moves them to
+  STORAGE/tensorboard/<job key>/ before a done job's trial folder is deleted.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from ray import tune
+
+log = logging.getLogger("raytransfer.sweep")
+
+EPOCH_METRICS = ("val_top1", "val_top5", "train_loss", "images_per_s", "lr")
+FINAL_METRICS = ("top1_final", "top1_best10", "top5_final", "epochs", "train_images_per_s", "wall_s")
+
+
+def hms(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _failed(trial) -> bool:
+    return bool((trial.last_result or {}).get("failed"))
+
+
+class SweepProgress(tune.Callback):
+    """Jobs done / total, running, failed, an ETA and the dashboard: a bar on a terminal, else a line at
+    most every `every_s` seconds (and at every job's end). Writes the heartbeat for `raytransfer status`."""
+
+    def __init__(self, total: int, done: int, concurrency: int | None, every_s: float = 10.0, store=None,
+                 dashboard: str = "", tty: bool | None = None):
+        self.total, self.concurrency, self.every_s = total, concurrency, every_s
+        self.done, self.failed, self.last, self.walls = done, 0, 0.0, []
+        self.store, self.dashboard = store, dashboard
+        self.tty = sys.stdout.isatty() if tty is None else tty
+        self.bar, self.beat_at, self.beat_every_s = None, 0.0, 30.0
+
+    def __getstate__(self):                        # the bar is a live terminal object: not part of Tune's state
+        return {**self.__dict__, "bar": None}
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if _failed(trial):
+            self.failed += 1
+        else:
+            self.done += 1
+            last = trial.last_result or {}
+            wall = last.get("time_total_s") or last.get("wall_s")      # Tune's clock includes a trial's start-up
+            if wall:
+                self.walls.append(wall)
+        self._show(trials, force=True, ending=trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.failed += 1
+        self._show(trials, force=True, ending=trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._show(trials)
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.time() - self.beat_at >= self.beat_every_s:      # alive, even while no trial reports
+            self._beat(trials)
+
+    def on_experiment_end(self, trials, **info):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def line(self, trials, ending=None) -> str:
+        running = [t for t in trials if t.status == "RUNNING" and t is not ending]   # ending: still RUNNING in Tune
+        left = self.total - self.done - self.failed
+        eta = ""
+        if self.walls and left > 0:                    # jobs left x their mean length, `concurrency` at a time
+            at_once = self.concurrency or max(1, len(running))     # autoscaling, no cap: as many as run now
+            eta = f", ETA {hms(sum(self.walls) / len(self.walls) * left / at_once)}"
+        where = f"; dashboard {self.dashboard}" if self.dashboard else ""
+        return f"{self.done}/{self.total} jobs done, {len(running)} running, {self.failed} failed{eta}{where}", running
+
+    def _show(self, trials, force=False, ending=None):
+        now = time.time()
+        if not force and now - self.last < self.every_s:
+            return
+        self.last = now
+        text, running = self.line(trials, ending)
+        self._beat(trials, ending)
+        if self.tty:
+            if self.bar is None:
+                from tqdm import tqdm
+                self.bar = tqdm(total=self.total, initial=self.done + self.failed, unit="job", dynamic_ncols=True,
+                                bar_format="[sweep] {bar} {n_fmt}/{total_fmt} {postfix}")
+            self.bar.n = self.done + self.failed
+            self.bar.set_postfix_str(text.split(" jobs done, ", 1)[1], refresh=True)
+        else:
+            print(f"[sweep] {text}", flush=True)
+
+
+    def _beat(self, trials, ending=None):
+        self.beat_at = time.time()
+        if self.store is None:
+            return
+        running = [t.config.get("job_key") for t in trials if t.status == "RUNNING" and t is not ending]
+        try:
+            self.store.write_heartbeat({"running": running, "done": self.done, "failed": self.failed,
+                                        "dashboard": self.dashboard})
+        except OSError as e:                           # storage hiccup: the sweep goes on
+            log.warning("could not write the heartbeat: %s", e)
+
+
+class LiveReport(tune.Callback):
+    """The experiment's results table and report.html, rebuilt as jobs land: at most every `every_s`
+    seconds (the runner builds the final one). `publish()` does the work; a failure only logs."""
+
+    def __init__(self, publish, every_s: float = 180.0):
+        self.publish, self.every_s, self.last = publish, every_s, time.time()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if time.time() - self.last < self.every_s:
+            return
+        self.last = time.time()
+        try:
+            _, _, table, report = self.publish(final=False)
+            print(f"[sweep] live results: {len(table)} networks in {report or 'results.csv'}", flush=True)
+        except Exception as e:                         # a report must never stop the sweep
+            log.warning("live report not rebuilt: %s", e)
+
+
+class MLflowJobs(tune.Callback):
+    """One MLflow run per job, named after its key: params (its settings), per-epoch metrics (step =
+    epoch), the final row's metrics; FINISHED, or FAILED with the reason. A retried trial keeps its run."""
+
+    def __init__(self, tracking_uri: str, experiment: str):
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.client, self.experiment_id, self.runs = None, None, {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "client": None}
+
+    def _setup(self):
+        if self.client is None:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(self.tracking_uri)
+            exp = self.client.get_experiment_by_name(self.experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._setup()
+        if trial.trial_id in self.runs:
+            return
+        config, spec = trial.config, trial.config.get("spec", {})
+        run = self.client.create_run(self.experiment_id, run_name=config["job_key"],
+                                     tags={"raytransfer.job_key": config["job_key"], "raytransfer.tune_trial": trial.trial_id})
+        recipe = spec.get("recipe", {})
+        params = {"job_key": config["job_key"], "treatment": spec.get("treatment"), "n": spec.get("n"),
+                  "split": config.get("split"), "target_half": config.get("target"), "seed": spec.get("seed"),
+                  "arch": recipe.get("arch"), "recipe": recipe.get("name"), "dataset_fingerprint": spec.get("dataset_fingerprint"),
+                  "host": config.get("host"), "gpus_per_trial": config.get("gpus_per_trial"),
+                  "workers_per_trial": config.get("workers_per_trial"), "base_jobs": ",".join(config.get("base_uris", {}))}
+        for k, v in params.items():
+            self.client.log_param(run.info.run_id, k, "" if v is None else v)
+        self.runs[trial.trial_id] = run.info.run_id
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run = self.runs.get(trial.trial_id)
+        if run is None or result.get("final"):
+            return
+        step = int(result.get("epoch", 0))
+        for k in EPOCH_METRICS:
+            if isinstance(result.get(k), (int, float)):
+                self.client.log_metric(run, k, float(result[k]), step=step)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run = self.runs.get(trial.trial_id)
+        if run is None:
+            return
+        last = trial.last_result or {}
+        for k in FINAL_METRICS:
+            if isinstance(last.get(k), (int, float)):
+                self.client.log_metric(run, k, float(last[k]))
+        if last.get("failed"):
+            self.client.set_tag(run, "raytransfer.failure_reason", str(last.get("failure_reason"))[:5000])
+        self.client.set_terminated(run, "FAILED" if last.get("failed") else "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run = self.runs.get(trial.trial_id)
+        if run is not None:
+            self.client.set_terminated(run, "FAILED")
+
+
+def keep_tensorboard(fs, trial_dir: str, storage: str, job_key: str) -> int:
+    """Copy a trial folder's TensorBoard event files to STORAGE/tensorboard/<job key>/; returns how many."""
+    import pyarrow.fs
+
+    from .store import _split_uri
+
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, recursive=False, allow_not_found=True))
+    except (FileNotFoundError, OSError):
+        return 0
+    events = [i for i in infos if i.base_name.startswith("events.out.tfevents")]
+    if not events:
+        return 0
+    dest_fs, dest = _split_uri(f"{storage.rstrip('/')}/tensorboard/{job_key}")
+    dest_fs.create_dir(dest, recursive=True)
+    for e in events:
+        with fs.open_input_stream(e.path) as src, dest_fs.open_output_stream(f"{dest}/{e.base_name}") as out:
+            out.write(src.read())
+    return len(events)
