@@ -68,12 +68,15 @@ def test_smoke_sweep_as_a_ray_job_trains_on_autoscaled_gpu_workers(cluster, tmp_
                                     f"--address auto --out {out} --no-report",
                  runtime_env={"working_dir": str(ROOT),
                               "env_vars": {"RAYTRANSFER_CACHE": cache, "RAY_AUTH_MODE": "disabled"}})
-    seen = {}
-    deadline = time.time() + 600
+    seen, t0, first_worker = {}, time.time(), None
+    deadline = t0 + 600
     while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         seen.update(nodes(cluster))                                 # the workers' resources, while they live
+        if first_worker is None and len(seen) > 1:
+            first_worker = time.time() - t0
         assert time.time() < deadline, "the sweep job did not end in 10 minutes"
         time.sleep(1)
+    print(f"job: {time.time() - t0:.0f} s from submit to its end; first GPU worker alive after {first_worker} s")
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-5000:]
     assert "host=process, 1 GPU + 1 CPU per trial on gpu_worker" in logs       # GPUs asked for, none alive at submit
@@ -111,8 +114,11 @@ def test_smoke_sweep_as_a_ray_job_trains_on_autoscaled_gpu_workers(cluster, tmp_
     registries = [a for a in list_actors(address=cluster.dashboard_url, filters=[("class_name", "=", "WeightsRegistry")])]
     assert registries and all(a.state == "DEAD" for a in registries)           # removed with its base copies
 
-    deadline = time.time() + 240                                    # idle_timeout_minutes 0.5, then removed
+    t1 = time.time()
+    deadline = t1 + 240                                             # idle_timeout_minutes 0.5, then removed
     while any(state == "ALIVE" for n, (state, _) in nodes(cluster).items() if n != HEAD_ID):
         assert time.time() < deadline, f"idle GPU workers were not removed: {nodes(cluster)}"
         time.sleep(2)
+    print(f"idle workers removed {time.time() - t1:.0f} s after the job's end; trials per node: "
+          f"{table.node_id.str[-5:].value_counts().to_dict()}")
     shutil.rmtree(cache, ignore_errors=True)
