@@ -196,6 +196,26 @@ def check_resolution(dataset: Dataset, recipe: Recipe) -> str | None:
             f"{recipe.crop_size} px). To load faster, store them at {want} px: `{command}`")
 
 
+def drop_dissimilar_without_superclasses(grid: dict, dataset: Dataset) -> tuple[dict, str | None]:
+    """The sweep file's split axis without "dissimilar" where the dataset cannot make it (no superclass
+    tags), and a note saying so and how to get it; --splits dissimilar asked explicitly is an error instead."""
+    from ray import tune
+
+    from ..splits import SplitError
+    from .jobs import check_dissimilar_possible
+
+    kinds = grid.get("split", {}).get("grid_search", []) if isinstance(grid.get("split"), dict) else []
+    if "dissimilar" not in kinds or len(kinds) < 2:
+        return grid, None
+    try:
+        check_dissimilar_possible(dataset)
+        return grid, None
+    except SplitError as e:
+        reason = str(e).split("--splits dissimilar ", 1)[-1]
+    return ({**grid, "split": tune.grid_search([k for k in kinds if k != "dissimilar"])},
+            f"no dissimilar split in this grid: it {reason}")
+
+
 def prepare_command(manifest: dict, data_dir: str, resolution: int) -> str:
     """The `raytransfer prepare` command that writes this dataset again at another stored side."""
     out = f"{str(data_dir).rstrip('/')}-{resolution}px"
@@ -260,10 +280,13 @@ def run(grid: dict, args, name: str) -> int:
     store.check_writable()
     # [2] the dataset, the jobs and their keys
     dataset = resolve_dataset(args, scale, Path(os.environ.get("RAYTRANSFER_CACHE", "~/.cache/raytransfer")).expanduser())
-    resize_note = check_resolution(dataset, recipe)
+    notes = [check_resolution(dataset, recipe)]
+    if not (args.splits or args.split_file):        # the sweep file's own splits: leave out what this data lacks
+        grid, dropped = drop_dissimilar_without_superclasses(grid, dataset)
+        notes.append(dropped)
     jobs, splits = build_jobs(expand_axes(grid), dataset, recipe)
-    if resize_note:
-        print(f"[sweep] note: {resize_note}", flush=True)
+    for note in filter(None, notes):
+        print(f"[sweep] note: {note}", flush=True)
     done = {k: r for k, r in store.completed().items()}
     if args.dry_run:
         print_job_table(jobs, done)
