@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-
 from pathlib import Path
 
 from ..models import layer_names
@@ -117,7 +116,9 @@ def make_split(dataset: Dataset, source: str, seed: int) -> tuple[Split, str]:
     if source == "similar":
         split, label, where = similar_split(dataset.name, dataset.classes, seed), f"similar-s{seed}", "--splits similar"
     elif source == "dissimilar":
-        check_dissimilar_possible(dataset)
+        why = why_no_dissimilar(dataset)
+        if why:
+            raise SplitError(f"--splits dissimilar {why}")
         split, label, where = dissimilar_split(dataset.name, dataset.classes, dataset.superclass_order), \
             "dissimilar", "--splits dissimilar"
     else:
@@ -134,25 +135,25 @@ def make_split(dataset: Dataset, source: str, seed: int) -> tuple[Split, str]:
     return split, label
 
 
-def check_dissimilar_possible(dataset: Dataset):
-    """The dissimilar split needs the paper's ImageNet lists, wnid class ids, or two superclasses: else
-    one error saying how a user's own data gets there."""
+def why_no_dissimilar(dataset: Dataset) -> str | None:
+    """Why the dataset has no dissimilar split, and how a user's own data gets one (None: it has one).
+    It needs the paper's ImageNet lists, wnid class ids, or exactly two superclasses."""
     tags = [c.get("superclass") for c in dataset.classes]
     order = list(dataset.superclass_order or [])
     own_halves = (f"or write the halves yourself: `raytransfer split {dataset.data_dir} --kind file --a-file A.txt "
                   "--b-file B.txt --out halves.json` (one class per line), then pass --split-file halves.json")
     if order and all(tags):
         if len(order) != 2:
-            raise SplitError(f"--splits dissimilar divides the classes of {dataset.data_dir} by superclass, but it "
-                             f"has {len(order)} ({', '.join(order[:5])}), not two: prepare it again with "
-                             f"`--superclasses CSV` mapping every class to one of two superclasses, {own_halves}")
-        return
+            return (f"divides the classes of {dataset.data_dir} by superclass, but it has {len(order)} "
+                    f"({', '.join(order[:5])}), not two: prepare it again with `--superclasses CSV` mapping every "
+                    f"class to one of two superclasses, {own_halves}")
+        return None
     if is_imagenet_1k(dataset.classes) or all(WNID.match(c["id"]) for c in dataset.classes):
-        return
-    raise SplitError(f"--splits dissimilar needs superclass tags, and {dataset.data_dir} ({dataset.name}) has none "
-                     "(nor WordNet ids): prepare it with a superclass level, `raytransfer prepare folder SRC --out "
-                     "DIR` on SRC/train/<superclass>/<class>/<image> (val/ likewise), or with `--superclasses CSV` "
-                     f"(class,superclass rows); {own_halves}")
+        return None
+    return (f"needs superclass tags, and {dataset.data_dir} ({dataset.name}) has none (nor WordNet ids): prepare "
+            "it with a superclass level, `raytransfer prepare folder SRC --out DIR` on "
+            "SRC/train/<superclass>/<class>/<image> (val/ likewise), or with `--superclasses CSV` "
+            f"(class,superclass rows); {own_halves}")
 
 
 def split_id(split: Split) -> str:

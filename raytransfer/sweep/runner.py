@@ -201,19 +201,14 @@ def drop_dissimilar_without_superclasses(grid: dict, dataset: Dataset) -> tuple[
     tags), and a note saying so and how to get it; --splits dissimilar asked explicitly is an error instead."""
     from ray import tune
 
-    from ..splits import SplitError
-    from .jobs import check_dissimilar_possible
+    from .jobs import why_no_dissimilar
 
-    kinds = grid.get("split", {}).get("grid_search", []) if isinstance(grid.get("split"), dict) else []
-    if "dissimilar" not in kinds or len(kinds) < 2:
+    kinds = grid["split"].get("grid_search", []) if isinstance(grid.get("split"), dict) else []
+    why = why_no_dissimilar(dataset) if "dissimilar" in kinds and len(kinds) > 1 else None
+    if why is None:
         return grid, None
-    try:
-        check_dissimilar_possible(dataset)
-        return grid, None
-    except SplitError as e:
-        reason = str(e).split("--splits dissimilar ", 1)[-1]
     return ({**grid, "split": tune.grid_search([k for k in kinds if k != "dissimilar"])},
-            f"no dissimilar split in this grid: it {reason}")
+            f"no dissimilar split in this grid: it {why}")
 
 
 def prepare_command(manifest: dict, data_dir: str, resolution: int) -> str:
