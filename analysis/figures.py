@@ -34,17 +34,21 @@ EFFECT_COLOURS = {"co-adaptation loss": "#1f3fbf", "specificity loss": "#d62728"
 JITTER = 0.035  # half-width of the random x jitter, in layers
 
 
-def layer_axis(*frames: pd.DataFrame | None) -> dict:
-    """The n axis, each tick named after its layer in the table's architecture (n = 3: conv3)."""
-    ticks = {}
-    for frame in reversed([f for f in frames if f is not None]):     # the first frame's names win
-        ticks.update(layer_ticks(frame))
+def layer_axis(rows: pd.DataFrame, paper: pd.DataFrame | None = None) -> dict:
+    """The n axis, each tick named after its layer in the rows' architecture (n = 3: conv3); the paper's
+    overlay adds its n, named only where it is the same architecture."""
+    ticks = layer_ticks(rows)
+    if paper is not None and len(paper):
+        same = rows.empty or set(paper["arch"]) == set(rows["arch"])
+        for n, name in layer_ticks(paper).items():
+            ticks.setdefault(n, name if same else "")
     if not ticks:
         return dict(title="n: layers copied", tickmode="linear", dtick=1)
     ns = sorted(ticks)
-    names = ticks[ns[0]] if len(ns) == 1 else f"{ticks[ns[0]]}..{ticks[ns[-1]]}"
-    return dict(title=f"n: layers copied ({names})", tickmode="array",
-                tickvals=[0, *ns], ticktext=["0", *(f"{n}<br>{ticks[n]}" for n in ns)])
+    named = [n for n in ns if ticks[n]]
+    span = "" if not named else f" ({ticks[named[0]]})" if len(named) == 1 else f" ({ticks[named[0]]}..{ticks[named[-1]]})"
+    return dict(title=f"n: layers copied{span}", tickmode="array",
+                tickvals=[0, *ns], ticktext=["0", *(f"{n}<br>{ticks[n]}" if ticks[n] else str(n) for n in ns)])
 
 
 def describe_job(row: pd.Series) -> str:
@@ -151,13 +155,13 @@ def _relative_traces(fig: go.Figure, rows: pd.DataFrame, source: str, rng: np.ra
     visible = source == "sweep"
     label = "" if source == "sweep" else "paper "
     usable = rows[rows["rel"].notna()]
-    labels = [] if "split" not in usable else sorted(set(usable.loc[usable["split_kind"] == "file", "split"]))
-    own = tuple((f"AnB, split {label}", "AnB", ("file",), FILE_SPLIT_COLOURS[i % len(FILE_SPLIT_COLOURS)],
-                 "triangle-up", 0.07 + 0.15 * i, label) for i, label in enumerate(labels))
-    for name, treatment, kinds, colour, symbol, offset, *label in (*SERIES_RELATIVE, *own):
+    files = [] if "split" not in usable else sorted(set(usable.loc[usable["split_kind"] == "file", "split"]))
+    own = tuple((f"AnB, split {split}", "AnB", ("file",), FILE_SPLIT_COLOURS[i % len(FILE_SPLIT_COLOURS)],
+                 "triangle-up", 0.07 + 0.15 * i, split) for i, split in enumerate(files))
+    for name, treatment, kinds, colour, symbol, offset, *only_split in (*SERIES_RELATIVE, *own):
         chosen = usable[(usable["treatment"] == treatment) & usable["split_kind"].isin(kinds)]
-        if label:                                  # one series per split file the sweep was given
-            chosen = chosen[chosen["split"] == label[0]]
+        if only_split:                             # one series per split file the sweep was given
+            chosen = chosen[chosen["split"] == only_split[0]]
         if chosen.empty:
             continue
         group = f"{source}-{name}"
