@@ -137,3 +137,16 @@ def test_layers_command_prints_the_table(capsys):
 def test_layers_command_unknown_arch(capsys):
     assert cli_main(["layers", "alexnet"]) == 2
     assert "caffenet, resnet18" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["paper", "fast", "demo", "smoke"])
+@pytest.mark.parametrize("arch", ["caffenet", "resnet18"])
+def test_every_recipe_builds_either_architecture(recipe, arch):
+    """--arch reaches every recipe: the recipe's net at its crop size, the table's n range 1 .. layers - 1."""
+    from raytransfer.recipes import get_recipe
+    from raytransfer.sweep.jobs import n_range
+
+    r = get_recipe(recipe, arch=arch)
+    net = build_model(r.arch, 5, **r.arch_kwargs())
+    assert net(torch.zeros(1, 3, r.crop_size, r.crop_size)).shape == (1, 5)
+    assert list(n_range(arch)) == list(range(1, len(net.layer_table())))
