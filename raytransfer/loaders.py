@@ -4,8 +4,9 @@ Crops are cut from the recipe's image side (`CropSpec.resize`: 256 px for the pa
 demo) whatever side the dataset is stored at: a crop takes the same share of the stored image (227/256
 of it for the paper) and FFCV's decoder resizes it to the crop size, so a 28 px demo crop of a 256 px
 image is the whole picture scaled down, never a corner of it. Labels are remapped to 0..k-1 in sorted
-class order (the paper's convention) through a lookup table applied after the loader; images are normalised with the dataset's channel statistics (on
-the GPU when there is one, inside FFCV's numba stage on the CPU). Under DDP each rank reads its own
+class order (the paper's convention) through a lookup table applied after the loader; images are
+normalised with the dataset's channel statistics (on the GPU when there is one, inside FFCV's numba
+stage on the CPU). Under DDP each rank reads its own
 share of the training samples (FFCV's `distributed=True`) and a disjoint slice of the validation
 samples (no padding, so every image counts once).
 
