@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis.results import BASE_TREATMENTS, METRIC, similar_rows
+from analysis.results import BASE_TREATMENTS, METRIC, layer_ticks, similar_rows, split_label
 from analysis.stats import LAYER_RANGES, layer_effects, table1, table1_counts
 
 STYLE = {  # treatment: colour, marker, x offset (the paper's Fig. 2 layout)
@@ -27,17 +27,35 @@ STYLE = {  # treatment: colour, marker, x offset (the paper's Fig. 2 layout)
 SERIES_RELATIVE = (  # figure 2: (label, treatment, split kinds, colour, marker, x offset)
     ("AnB, similar split", "AnB", ("similar",), "#d62728", "diamond", -0.15),
     ("AnB, dissimilar split", "AnB", ("dissimilar",), "#8c564b", "square", 0.0),
-    ("random frozen", "random_frozen", ("similar", "dissimilar", "whole"), "#7f7f7f", "x", 0.15),
+    ("random frozen", "random_frozen", ("similar", "dissimilar", "file", "whole"), "#7f7f7f", "x", 0.15),
 )
+FILE_SPLIT_COLOURS = ("#9467bd", "#17becf", "#bcbd22", "#e377c2", "#2ca02c")  # figure 2: AnB on each split file
 EFFECT_COLOURS = {"co-adaptation loss": "#1f3fbf", "specificity loss": "#d62728", "fine-tuning boost": "#2ca02c"}
 JITTER = 0.035  # half-width of the random x jitter, in layers
-LAYER_AXIS = dict(title="n: layers copied (conv1..fc7)", tickmode="linear", dtick=1)
+
+
+def layer_axis(rows: pd.DataFrame, paper: pd.DataFrame | None = None) -> dict:
+    """The n axis, each tick named after its layer in the rows' architecture (n = 3: conv3); the paper's
+    overlay adds its n, named only where it is the same architecture."""
+    ticks = layer_ticks(rows)
+    if paper is not None and len(paper):
+        same = rows.empty or set(paper["arch"]) == set(rows["arch"])
+        for n, name in layer_ticks(paper).items():
+            ticks.setdefault(n, name if same else "")
+    if not ticks:
+        return dict(title="n: layers copied", tickmode="linear", dtick=1)
+    ns = sorted(ticks)
+    named = [n for n in ns if ticks[n]]
+    span = "" if not named else f" ({ticks[named[0]]})" if len(named) == 1 else f" ({ticks[named[0]]}..{ticks[named[-1]]})"
+    return dict(title=f"n: layers copied{span}", tickmode="array",
+                tickvals=[0, *ns], ticktext=["0", *(f"{n}<br>{ticks[n]}" if ticks[n] else str(n) for n in ns)])
 
 
 def describe_job(row: pd.Series) -> str:
     """The config of one job, for hover text."""
     direction = f"{row['source_half']}→{row['target_half']}" if row["source_half"] else f"on {row['target_half']}"
-    split = "dissimilar split" if row["split_kind"] == "dissimilar" else f"{row['split_kind']} split {row['split_seed']}"
+    label = split_label(row)
+    split = f"split {label}" if label.startswith(row["split_kind"]) else f"split {label} ({row['split_kind']})"
     lines = [f"{row['treatment']} {direction}, n = {row['n']}, {split}, seed {row['seed']}",
              f"{row['dataset']} · {row['arch']} · recipe {row['recipe']}",
              f"top-1 best-10 {row[METRIC]:.4f}" + (f", final {row['top1_final']:.4f}"
@@ -126,7 +144,7 @@ def fig_similar(rows: pd.DataFrame, paper: pd.DataFrame | None = None) -> go.Fig
         fig.add_annotation(text="no rows of the similar split yet", showarrow=False, x=0.5, y=0.5,
                            xref="paper", yref="paper")
     fig.update_layout(title="1 · Similar split: base, selffers (BnB, BnB+) and transfers (AnB, AnB+)",
-                      xaxis=LAYER_AXIS, yaxis_title="top-1 on the target half (mean of 10 best evaluations)",
+                      xaxis=layer_axis(rows, paper), yaxis_title="top-1 on the target half (mean of 10 best evaluations)",
                       template="plotly_white", height=560, margin=dict(t=120), clickmode="event",
                       title_y=0.97)
     _overlay_switch(fig)
@@ -137,8 +155,13 @@ def _relative_traces(fig: go.Figure, rows: pd.DataFrame, source: str, rng: np.ra
     visible = source == "sweep"
     label = "" if source == "sweep" else "paper "
     usable = rows[rows["rel"].notna()]
-    for name, treatment, kinds, colour, symbol, offset in SERIES_RELATIVE:
+    files = [] if "split" not in usable else sorted(set(usable.loc[usable["split_kind"] == "file", "split"]))
+    own = tuple((f"AnB, split {split}", "AnB", ("file",), FILE_SPLIT_COLOURS[i % len(FILE_SPLIT_COLOURS)],
+                 "triangle-up", 0.07 + 0.15 * i, split) for i, split in enumerate(files))
+    for name, treatment, kinds, colour, symbol, offset, *only_split in (*SERIES_RELATIVE, *own):
         chosen = usable[(usable["treatment"] == treatment) & usable["split_kind"].isin(kinds)]
+        if only_split:                             # one series per split file the sweep was given
+            chosen = chosen[chosen["split"] == only_split[0]]
         if chosen.empty:
             continue
         group = f"{source}-{name}"
@@ -161,7 +184,7 @@ def fig_dissimilar(rows: pd.DataFrame, paper: pd.DataFrame | None = None) -> go.
                            x=0.5, y=0.5, xref="paper", yref="paper")
     fig.add_hline(y=0, line=dict(color="#999999", width=1, dash="dash"))
     fig.update_layout(title="2 · Transfer vs its base: similar and dissimilar split, random frozen layers",
-                      xaxis=LAYER_AXIS, yaxis_title="top-1 minus the base of its target half (0.01 = 1 point)",
+                      xaxis=layer_axis(rows, paper), yaxis_title="top-1 minus the base of its target half (0.01 = 1 point)",
                       template="plotly_white", height=560, margin=dict(t=120), clickmode="event",
                       title_y=0.97)
     _overlay_switch(fig)
@@ -228,7 +251,7 @@ def fig_layer_effects(rows: pd.DataFrame, n_boot: int = 2000, confidence: float 
     fig.update_layout(
         title=f"4 · Per layer: what transfer loses and gains ({100 * confidence:.0f}% CI, t × bootstrap SE over "
               "(split, seed) units; N = networks; no bar = one unit)",
-        xaxis=LAYER_AXIS, yaxis_title="top-1 difference (0.01 = 1 point)", template="plotly_white", height=520)
+        xaxis=layer_axis(rows), yaxis_title="top-1 difference (0.01 = 1 point)", template="plotly_white", height=520)
     return fig
 
 

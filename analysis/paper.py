@@ -48,13 +48,17 @@ def load_paper_results(path: Path = DATA_DIR / "paper_results.json") -> dict:
     return data
 
 
+PAPER_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")   # the paper's net, n = 1..7 copied
+
+
 def _row(name, treatment, split_kind, split_seed, target_half, n, value, final, source_half="",
          base_name="") -> dict:
     classes = CLASSES.get((split_kind, target_half), CLASSES.get(split_kind))
     return {
         "job_key": KEY_PREFIX + name, "dataset": "imagenet", "split_kind": split_kind,
         "split_seed": split_seed, "seed": 0, "treatment": treatment, "source_half": source_half,
-        "target_half": target_half, "n": n, "arch": "caffenet", "recipe": "paper",
+        "target_half": target_half, "n": n, "layer": PAPER_LAYERS[n - 1] if n else "", "arch": "caffenet",
+        "recipe": "paper",
         "top1_final": final, "top1_best10": value, "top5_final": math.nan,
         "epochs": MAX_ITER * BATCH_SIZE / (IMAGENET_TRAIN_IMAGES * classes / 1000),
         "train_images_per_s": math.nan, "wall_s": math.nan, "frozen_check": "",

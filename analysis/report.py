@@ -23,7 +23,7 @@ from plotly.offline import get_plotlyjs
 
 from analysis import figures
 from analysis.results import (BASE_TREATMENTS, METRIC, SETTING_COLUMNS, SPLIT_KINDS, TREATMENTS, load_curves,
-                              load_rows, settings, with_base)
+                              load_rows, settings, split_label, with_base)
 from analysis.stats import science_check, table1
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,8 @@ def coverage_html(rows: pd.DataFrame) -> str:
     """Networks per (split kind, treatment) and n: what the figures rest on."""
     if rows.empty:
         return "<p>No finished jobs in the table yet.</p>"
-    counts = rows.groupby(["split_kind", "treatment", "n"]).size().unstack("n", fill_value=0)
+    rows = rows.assign(_split=[split_label(row) for _, row in rows.iterrows()])
+    counts = rows.groupby(["_split", "treatment", "n"]).size().unstack("n", fill_value=0)
     header = "".join(f"<th>n={n}</th>" for n in counts.columns)
     body = "".join(f"<tr><th>{html.escape(kind)}</th><th>{html.escape(treatment)}</th>"
                    + "".join(f"<td>{v}</td>" for v in values) + "</tr>"

@@ -2,7 +2,8 @@
 
 Owns reading `RESULTS_DIR/results.{parquet,csv}` and `curves.csv`, checking the columns and the
 treatment names, and matching every network with "its base": the base trained on the row's target
-half, same split and training seed. Usage: `rows = with_base(load_rows(results_dir))`.
+half, same split and training seed. A split is told apart by its kind, seed and label (`split`: e.g.
+"similar-s0", or the name of a split file the sweep was given). Usage: `rows = with_base(load_rows(results_dir))`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ METRIC = "top1_best10"  # the paper's metric: mean of the 10 best validation eva
 BASE_TREATMENTS = ("baseA", "baseB", "base")  # "base": a net on the whole label set (paper's netbase)
 TRANSFER_TREATMENTS = ("BnB", "BnB+", "AnB", "AnB+", "random_frozen", "scratch")
 TREATMENTS = BASE_TREATMENTS + TRANSFER_TREATMENTS
-SPLIT_KINDS = ("similar", "dissimilar", "whole")  # "whole": all classes, no halves (paper's controls)
+SPLIT_KINDS = ("similar", "dissimilar", "file", "whole")  # file: the user's own halves; whole: all classes
 REQUIRED_COLUMNS = ("job_key", "split_kind", "split_seed", "seed", "treatment", "target_half", "n", METRIC)
-TEXT_COLUMNS = ("job_key", "dataset", "split_kind", "treatment", "source_half", "target_half",
-                "arch", "recipe", "base_job_key", "status")
+TEXT_COLUMNS = ("job_key", "dataset", "split_kind", "split", "treatment", "source_half", "target_half",
+                "layer", "arch", "recipe", "base_job_key", "status")
 NUMBER_COLUMNS = ("top1_final", "top5_final", "epochs", "train_images_per_s", "wall_s")
 SETTING_COLUMNS = ("dataset", "arch", "recipe")  # a base is only compared within one setting
 CURVE_COLUMNS = ("job_key", "epoch", "train_loss", "val_top1", "val_top5", "lr", "images_per_s")
@@ -117,7 +118,8 @@ def settings(rows: pd.DataFrame) -> list[tuple[str, str, str]]:
 
 def base_key(frame: pd.DataFrame) -> pd.Series:
     """The identity a network shares with its base: setting, split, training seed, target half."""
-    columns = [*SETTING_COLUMNS, "split_kind", "split_seed", "seed", "target_half"]
+    columns = [c for c in (*SETTING_COLUMNS, "split_kind", "split_seed", "split", "seed", "target_half")
+               if c in frame.columns]                      # `split`: tables of older sweeps lack it
     keys = ["|".join(map(str, values)) for values in frame[columns].itertuples(index=False)]
     return pd.Series(keys, index=frame.index, dtype=object)
 
@@ -137,6 +139,21 @@ def with_base(rows: pd.DataFrame) -> pd.DataFrame:
     rows["base_value"] = keys.map(base_values)
     rows["rel"] = rows[METRIC] - rows["base_value"]
     return rows
+
+
+def split_label(row) -> str:
+    """The split's label: the table's `split` column, else kind and seed (tables of older sweeps)."""
+    if row.get("split"):
+        return str(row["split"])
+    return "dissimilar" if row["split_kind"] == "dissimilar" else f"{row['split_kind']}-s{row['split_seed']}"
+
+
+def layer_ticks(rows: pd.DataFrame) -> dict[int, str]:
+    """{n: name of layer n} from the table's `layer` column (e.g. 3: "conv3"), for axis labels."""
+    if "layer" not in rows.columns:
+        return {}
+    named = rows[(rows["n"] > 0) & (rows["layer"].astype(str) != "")]
+    return {int(n): str(layer) for n, layer in zip(named["n"], named["layer"])}
 
 
 def similar_rows(rows: pd.DataFrame) -> pd.DataFrame:

@@ -27,22 +27,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
-# Seconds per iteration on the paper's K20, by the number of frozen leading layers (0 = all trainable).
-PAPER_STEP_S = {0: 1.77, 1: 1.48, 2: 1.19, 3: 1.01, 4: 0.83, 5: 0.69, 6: 0.66, 7: 0.65}
+from raytransfer.step_costs import K20_S_PER_ITER as PAPER_STEP_S, relative_cost   # the paper's K20 step costs
+
 PAPER_ITERATIONS = 450_000
 K20_BASE_HOURS = PAPER_STEP_S[0] * PAPER_ITERATIONS / 3600   # ≈221 h ≈ 9.2 days of training
 H100_BASE_HOURS = 80 / 60                                    # DESIGN.md: one paper-schedule net ≈80 min
 PAPER_SPLITS = ("similar-s0", "similar-s1", "similar-s2", "similar-s3", "dissimilar")
 RESULTS_SECTION = "## Scheduling at scale (simulated)"
 DEFAULT_RESULTS = Path(__file__).with_name("RESULTS.md")
-
-
-def relative_cost(frozen_layers: int) -> float:
-    """GPU time of one paper-schedule job relative to a base, from the K20 step costs."""
-    if frozen_layers not in PAPER_STEP_S:
-        raise ValueError(f"frozen_layers={frozen_layers!r}: must be one of {sorted(PAPER_STEP_S)} "
-                         "(0 for base, scratch and fine-tuned nets; n for frozen AnB/BnB/random-frozen)")
-    return PAPER_STEP_S[frozen_layers] / PAPER_STEP_S[0]
 
 
 def estimate_gpu_hours(frozen_layers: Iterable[int], base_hours: float = H100_BASE_HOURS) -> float:

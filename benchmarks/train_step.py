@@ -25,10 +25,8 @@ import torch.nn.functional as F
 
 from raytransfer.loop import make_optimizer, train_one_epoch
 from raytransfer.recipes import get_recipe
+from raytransfer.step_costs import relative_cost
 from raytransfer.transfer import build_trial_network
-
-# s/iter of a frozen-n net over an all-trainable one (1.77 s) on the paper's K20 (paper/README.md §5)
-PAPER_K20_COST = {n: s / 1.77 for n, s in zip(range(1, 8), (1.48, 1.19, 1.01, 0.83, 0.69, 0.66, 0.65))}
 
 
 def build(recipe, n: int, num_classes: int, device, channels_last: bool, compile: bool):
@@ -125,7 +123,7 @@ def machine(device) -> str:
 def table(rows, base_rate) -> str:
     out = ["| step | images/s | cost vs base step | paper K20 cost |", "|---|---:|---:|---:|"]
     for name, n, rate in rows:
-        paper = f"{PAPER_K20_COST[n]:.2f}" if n else ("1.00" if "base" in name else "")
+        paper = f"{relative_cost(n):.2f}" if n else ("1.00" if "base" in name else "")
         out.append(f"| {name} | {rate:,.0f} | {base_rate / rate:.2f} | {paper} |")
     return "\n".join(out)
 

@@ -25,6 +25,9 @@ def add_prepare_args(p: argparse.ArgumentParser):
     p.add_argument("--format", choices=["jpg", "raw"], default=None,
                    help="JPEG (smaller) or raw pixels (faster to load); default jpg, raw for synthetic")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.add_argument("--superclasses", type=Path, metavar="CSV",
+                   help="folder: class,superclass rows (the first superclass listed is half A of the dissimilar "
+                        "split); or give the tree a superclass level, train/<superclass>/<class>/<image>")
     p.add_argument("--val-labels", type=Path, help="ImageNet flat val/: LOC_val_solution.csv (found automatically nearby)")
     p.add_argument("--synthetic-seed", type=int, default=0, help="synthetic: seed of the class hierarchy and images")
     p.add_argument("--synthetic-train-per-class", type=int, default=None, help="synthetic: training images per class")
@@ -42,10 +45,14 @@ def run_prepare(args) -> int:
     if args.synthetic_train_per_class:
         spec = replace(spec, train_per_class=args.synthetic_train_per_class)
     m = prepare(args.source, args.path, args.out, resolution=args.resolution, format=args.format, quality=args.quality,
-                synthetic=spec, val_labels=args.val_labels, workers=args.workers, force=args.force)
+                synthetic=spec, val_labels=args.val_labels, workers=args.workers, force=args.force,
+                superclass_file=args.superclasses)
     counts = {s: c["images"] for s, c in m["counts"].items()}
     corrupt = {s: c["corrupt"] for s, c in m["counts"].items() if c["corrupt"]}
-    print(f"{args.out}: {m['name']}, {len(m['classes'])} classes, images {counts}"
+    tags = [c.get("superclass") for c in m["classes"]]
+    order = m.get("superclass_order") or []
+    supers = f", superclasses {', '.join(f'{sc} ({tags.count(sc)} classes)' for sc in order)}" if order else ""
+    print(f"{args.out}: {m['name']}, {len(m['classes'])} classes{supers}, images {counts}"
           + (f", corrupt images skipped {corrupt}" if corrupt else "") + f", fingerprint {m['fingerprint'][:12]}")
     return 0
 

@@ -1,8 +1,12 @@
 """FFCV loaders of one half: the dataset's beton with `indices` = the half's samples.
 
-Labels are remapped to 0..k-1 in sorted class order (the paper's convention) through a lookup
-table applied after the loader; images are normalised with the dataset's channel statistics (on
-the GPU when there is one, inside FFCV's numba stage on the CPU). Under DDP each rank reads its own
+Crops are cut from the recipe's image side (`CropSpec.resize`: 256 px for the paper, 32 px for the
+demo) whatever side the dataset is stored at: a crop takes the same share of the stored image (227/256
+of it for the paper) and FFCV's decoder resizes it to the crop size, so a 28 px demo crop of a 256 px
+image is the whole picture scaled down, never a corner of it. Labels are remapped to 0..k-1 in sorted
+class order (the paper's convention) through a lookup table applied after the loader; images are
+normalised with the dataset's channel statistics (on the GPU when there is one, inside FFCV's numba
+stage on the CPU). Under DDP each rank reads its own
 share of the training samples (FFCV's `distributed=True`) and a disjoint slice of the validation
 samples (no padding, so every image counts once).
 
@@ -33,12 +37,25 @@ CROPS = ("paper", "rrc")
 
 @dataclass(frozen=True)
 class CropSpec:
-    """Train-time crop. 'paper': a random `size` square of the stored image (227 of 256) + mirror,
-    exact pixels, no resampling; 'rrc': random-resized-crop to `size` + mirror (the fast recipe).
-    Validation always takes the centre `size` square."""
+    """Train-time crop. 'paper': a random `size` square of the image at side `resize` (227 of 256) +
+    mirror; 'rrc': random-resized-crop to `size` + mirror (the fast recipe). Validation takes the
+    centre `size` square of the image at side `resize`. Where the dataset is stored at `resize` px
+    (or `resize` is None) crops are exact pixels of the stored image, no resampling."""
     kind: str = "paper"
     size: int = 227
+    resize: int | None = None          # None: crops are `size` px of the stored image as it is
     rrc_min_scale: float = 0.25
+
+
+def crop_window(stored: int | None, crop: CropSpec, where="the dataset") -> int:
+    """Side, in stored pixels, of the square a `crop.size` crop is cut from (then resized to crop.size)."""
+    if stored is None:
+        raise DatasetError(f"{where} was prepared without a stored resolution (images of any size); the loaders "
+                           "crop squares of a fixed-size image: prepare it again with --resolution (the paper: 256)")
+    if crop.size > stored:
+        raise DatasetError(f"crop {crop.size} px is larger than the stored {stored} px images of {where}: "
+                           f"prepare with --resolution >= {crop.resize or crop.size} or use a smaller crop")
+    return crop.size if crop.resize is None else max(1, round(stored * crop.size / crop.resize))
 
 
 def half_indices(labels: np.ndarray, half_labels) -> tuple[np.ndarray, np.ndarray]:
@@ -146,12 +163,7 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
         raise DatasetError(f"a half must name distinct classes, at least one; got {len(half_class_ids)} "
                            f"(named twice: {twice[:3]}): make the split with `raytransfer split`")
     half_labels = sorted(label_of[c] for c in half_class_ids)
-    if stored is None:
-        raise DatasetError(f"{data_dir} was prepared without a stored resolution (images of any size); the loaders "
-                           "crop squares of a fixed-size image: prepare it again with --resolution (the paper: 256)")
-    if crop.size > stored:
-        raise DatasetError(f"crop {crop.size} px is larger than the stored {stored} px images of {data_dir}: "
-                           f"prepare with --resolution >= {crop.size} or use a smaller crop")
+    window = crop_window(stored, crop, data_dir)
     world, rank = 1, 0
     if distributed:
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -163,28 +175,28 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
         ids = ids[labels[ids] != CORRUPT_LABEL]
         if split == "val" and world > 1:
             ids = ids[rank::world]              # disjoint shards, no sampler padding
-        loaders[split] = _ffcv_loader(beton, ids, lut, split == "train", crop, stored, manifest,
+        loaders[split] = _ffcv_loader(beton, ids, lut, split == "train", crop, stored, window, manifest,
                                       batch_size if split == "train" else (val_batch_size or batch_size),
                                       device, seed, num_workers, distributed and split == "train", batches_ahead)
     return HalfLoaders(loaders["train"], loaders["val"], len(half_labels), [c for c in sorted(half_class_ids)])
 
 
-def _ffcv_loader(beton, ids, lut, train, crop, stored, manifest, batch_size, device, seed, num_workers,
+def _ffcv_loader(beton, ids, lut, train, crop, stored, window, manifest, batch_size, device, seed, num_workers,
                  distributed, batches_ahead) -> HalfLoader:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-    size = crop.size
-    if train and crop.kind == "paper":      # exact random `size` slice of the stored square (Caffe's crop)
-        decoder = RandomResizedCropRGBImageDecoder((size, size), scale=((size / stored) ** 2,) * 2, ratio=(1.0, 1.0))
+    size = crop.size                        # window: the crop's share of the stored side (== size: exact pixels)
+    if train and crop.kind == "paper":      # a random window-sized square (Caffe's crop), resized to `size`
+        decoder = RandomResizedCropRGBImageDecoder((size, size), scale=((window / stored) ** 2,) * 2, ratio=(1.0, 1.0))
     elif train and crop.kind == "rrc":
         decoder = RandomResizedCropRGBImageDecoder((size, size), scale=(crop.rrc_min_scale, 1.0))
     elif train:
         raise ValueError(f"unknown crop {crop.kind!r}; expected one of {', '.join(CROPS)}")
     else:
-        decoder = CenterCropRGBImageDecoder((size, size), ratio=(size + 0.5) / stored)   # int(ratio*stored) == size
+        decoder = CenterCropRGBImageDecoder((size, size), ratio=(window + 0.5) / stored)   # int(ratio*stored) == window
     image = [decoder] + ([RandomHorizontalFlip()] if train else [])
     mean, std = np.array(manifest["mean"]), np.array(manifest["std"])
     on_gpu = device.type == "cuda"

@@ -3,6 +3,7 @@
 Every architecture declares its ordered table of transferable layers; "copy n layers" means its
 first n entries, never the first n modules. CaffeNet is the paper's 8-layer net (conv1..fc8);
 ResNet-18 (stem, eight residual blocks, fc) proves the table, not CaffeNet, is the abstraction.
+`layer_names(arch)` gives a table's names without building the net (the sweep's n range).
 
     model = build_model("caffenet", num_classes=500)            # the paper's net at 227 px
     model = build_model("caffenet", num_classes=20, width=0.125, resolution=32)   # demo scale
@@ -166,23 +167,51 @@ def init_caffenet(model: CaffeNet, init: str = "paper", layers=CaffeNet.LAYERS):
 class ResNet18(TransferableNet, torchvision.models.ResNet):
     """torchvision's ResNet-18 with a layer table: stem, then each residual block, then fc.
 
-    Below 64 px the stem is a 3x3 stride-1 conv without max-pool (the CIFAR convention).
+    `width` scales every stage's channels (64, 128, 256, 512 at 1.0; 8 .. 64 at the demo's 0.125),
+    built by torchvision's own `_make_layer`. Below 64 px the stem is a 3x3 stride-1 conv without
+    max-pool (the CIFAR convention).
     """
 
-    def __init__(self, num_classes: int, width: float = 1.0, resolution: int = 224, init: str = "kaiming"):
-        torchvision.models.ResNet.__init__(self, torchvision.models.resnet.BasicBlock, [2, 2, 2, 2],
-                                           num_classes=num_classes)
+    LAYERS = ("stem",) + tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2)) + ("fc",)
+
+    def __init__(self, num_classes: int, width: float = 1.0, resolution: int = 224):
+        block = torchvision.models.resnet.BasicBlock
+        torchvision.models.ResNet.__init__(self, block, [2, 2, 2, 2], num_classes=num_classes)
         self.resolution = resolution
         if width != 1.0:
-            raise ValueError("resnet18 supports width=1.0 only; use caffenet for width-scaled nets")
+            if width <= 0:
+                raise ValueError(f"resnet18 width {width} must be > 0")
+            c = max(2, round(64 * width))
+            self.inplanes = c                        # what torchvision's _make_layer chains from
+            self.conv1 = nn.Conv2d(3, c, 7, 2, 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(c)
+            self.layer1 = self._make_layer(block, c, 2)
+            self.layer2 = self._make_layer(block, 2 * c, 2, stride=2)
+            self.layer3 = self._make_layer(block, 4 * c, 2, stride=2)
+            self.layer4 = self._make_layer(block, 8 * c, 2, stride=2)
+            self.fc = nn.Linear(8 * c, num_classes)
         if resolution < 64:
-            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            self.conv1 = nn.Conv2d(3, self.bn1.num_features, 3, 1, 1, bias=False)
             self.maxpool = nn.Identity()
-            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():                     # torchvision's init, for the modules replaced above
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
 
     def layer_specs(self):
-        blocks = [(f"layer{i}.{j}", (f"layer{i}.{j}",)) for i in range(1, 5) for j in range(2)]
-        return [("stem", ("conv1", "bn1"))] + blocks + [("fc", ("fc",))]
+        return [("stem", ("conv1", "bn1"))] + [(name, (name,)) for name in self.LAYERS[1:]]
+
+
+LAYER_NAMES = {"caffenet": CaffeNet.LAYERS, "resnet18": ResNet18.LAYERS}
+
+
+def layer_names(arch: str) -> tuple[str, ...]:
+    """An architecture's transferable layers in order, without building it: n = 1 .. len - 1 can be copied."""
+    if arch not in LAYER_NAMES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    return LAYER_NAMES[arch]
 
 
 def build_model(arch: str, num_classes: int, width: float = 1.0, resolution: int | None = None,

@@ -1,7 +1,8 @@
 """Datasets to FFCV betons: `train.beton`, `val.beton` and `manifest.json`, once per dataset and settings.
 
 Sources: ImageNet ILSVRC2012 as people have it (`train/<wnid>/*.JPEG`; `val/` in class folders or
-flat with Kaggle's `LOC_val_solution.csv`), any class-folder tree with `train/` and `val/`, or the
+flat with Kaggle's `LOC_val_solution.csv`), any class-folder tree with `train/` and `val/` (optionally
+with a superclass level, `train/<superclass>/<class>/`, or a CSV of class,superclass rows), or the
 built-in synthetic dataset. One beton per split for the whole dataset: a half is read through the
 loader's `indices`, never copied.
 
@@ -68,8 +69,10 @@ class BetonSettings:
 # ---------------------------------------------------------------------------------------------
 # Sources: each returns (classes, {"train": [(path, label)], "val": [...]}) with classes sorted by id.
 
-def discover_folder(root: Path):
-    """A class-folder tree: root/train/<class>/*.jpg and root/val/<class>/*.jpg."""
+def discover_folder(root: Path, superclass_file: Path | None = None):
+    """A class-folder tree: root/train/<class>/*.jpg and root/val/<class>/*.jpg; or, with a superclass
+    level, root/train/<superclass>/<class>/*.jpg (val/ likewise, or flat). Superclass tags (what the
+    dissimilar split divides by) come from that level or from a CSV of class,superclass rows."""
     root = _existing_dir(root)
     train_dir, val_dir = root / "train", root / "val"
     if not train_dir.is_dir():
@@ -77,12 +80,83 @@ def discover_folder(root: Path):
     if not val_dir.is_dir():
         raise DatasetError(f"{root} has train/ but no val/: the paper's metric is top-1 on held-out images; "
                            f"add {root}/val/<class>/<image> (same class folders as train/)")
-    ids = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    train = _class_dirs(train_dir)
+    ids = sorted(train)
     if len(ids) < 2:
         raise DatasetError(f"{train_dir} holds {len(ids)} class folders; a split needs at least 2")
-    classes = [{"id": c, "name": c, "superclass": None} for c in ids]
-    samples = {"train": _class_folder_samples(train_dir, ids), "val": _class_folder_samples(val_dir, ids)}
-    return classes, samples
+    tags = {c: sc for c, (_, sc) in train.items()}
+    layered = any(sc is not None for sc in tags.values())
+    if superclass_file is not None:
+        if layered:
+            raise DatasetError(f"{train_dir} already has a superclass level (train/<superclass>/<class>/); "
+                               f"drop --superclasses {superclass_file}, or flatten the tree")
+        tags, order = read_superclass_file(superclass_file, ids)
+    else:
+        order = sorted(set(tags.values())) if layered else None
+    if order is not None and len(order) < 2:
+        where = superclass_file or f"{train_dir}/<superclass>/"
+        raise DatasetError(f"{where} gives every class the one superclass {order[0]!r}: the dissimilar split "
+                           "divides the classes by superclass, so it needs at least two; add another superclass, "
+                           "or drop the superclass level (train/<class>/) and use similar splits")
+    val = _class_dirs(val_dir)
+    moved = [f"{c} ({tags[c]} in train/, {val[c][1]} in val/)" for c in ids
+             if layered and c in val and val[c][1] not in (None, tags[c])]
+    if moved:
+        raise DatasetError(f"{len(moved)} class(es) sit under other superclasses in val/ than in train/: "
+                           f"{', '.join(moved[:3])}; give each class one superclass")
+    classes = [{"id": c, "name": c, "superclass": tags[c] if order else None} for c in ids]
+    samples = {"train": _class_folder_samples(train_dir, ids, {c: d for c, (d, _) in train.items()}),
+               "val": _class_folder_samples(val_dir, ids, {c: d for c, (d, _) in val.items()})}
+    return classes, samples, order
+
+
+def _class_dirs(split_dir: Path) -> dict[str, tuple[Path, str | None]]:
+    """{class id: (folder, superclass or None)} of split_dir/<class>/ or split_dir/<superclass>/<class>/."""
+    entries = sorted(d for d in split_dir.iterdir() if d.is_dir())
+    has_images = {d: any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir()) for d in entries}
+    superclasses = [d for d in entries if not has_images[d] and any(x.is_dir() for x in d.iterdir())]
+    if not superclasses:
+        return {d.name: (d, None) for d in entries}
+    flat = [d.name for d in entries if has_images[d]]
+    if flat:
+        raise DatasetError(f"{split_dir} mixes class folders with images ({', '.join(flat[:3])}) and superclass "
+                           f"folders of class folders ({', '.join(d.name for d in superclasses[:3])}): use one layout, "
+                           f"{split_dir.name}/<class>/<image> or {split_dir.name}/<superclass>/<class>/<image>")
+    out, seen = {}, {}
+    for sc in superclasses:
+        for d in sorted(x for x in sc.iterdir() if x.is_dir()):
+            if d.name in out:
+                raise DatasetError(f"class {d.name!r} is under two superclasses of {split_dir} ({seen[d.name]} and "
+                                   f"{sc.name}): class folder names must be unique across superclasses")
+            out[d.name], seen[d.name] = (d, sc.name), sc.name
+    return out
+
+
+def read_superclass_file(path: Path, ids: list[str]) -> tuple[dict[str, str], list[str]]:
+    """({class: superclass}, superclass order) from a CSV of class,superclass rows (a header row is
+    allowed); the order is that of first appearance, so the first superclass listed is half A."""
+    try:
+        with open(path, newline="") as f:
+            rows = [[cell.strip() for cell in row] for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    except OSError as e:
+        raise DatasetError(f"cannot read the superclass file {path}: {e}") from None
+    if rows and [c.lower() for c in rows[0][:2]] == ["class", "superclass"]:
+        rows = rows[1:]
+    bad = [i for i, row in enumerate(rows, 1) if len(row) != 2 or not all(row)]
+    if bad:
+        raise DatasetError(f"{path}: every row must be `class,superclass` (row {bad[0]} is not)")
+    tags = {}
+    for c, sc in rows:
+        if tags.setdefault(c, sc) != sc:
+            raise DatasetError(f"{path} gives class {c!r} two superclasses ({tags[c]!r} and {sc!r}); give it one")
+    unknown, missing = sorted(set(tags) - set(ids)), [c for c in ids if c not in tags]
+    if unknown:
+        raise DatasetError(f"{path} names {len(unknown)} class(es) the tree does not have ({', '.join(unknown[:3])}); "
+                           "use the class folder names of train/")
+    if missing:
+        raise DatasetError(f"{path} gives no superclass to {len(missing)} class(es) ({', '.join(missing[:3])}): "
+                           "list every class folder of train/ once")
+    return tags, list(dict.fromkeys(tags[c] for c, _ in rows))
 
 
 def discover_imagenet(root: Path, val_labels: Path | None = None):
@@ -118,10 +192,10 @@ def _existing_dir(root) -> Path:
     return root
 
 
-def _class_folder_samples(split_dir: Path, ids: list[str]):
+def _class_folder_samples(split_dir: Path, ids: list[str], dirs: dict[str, Path] | None = None):
     out = []
     for label, cid in enumerate(ids):
-        d = split_dir / cid
+        d = (dirs or {}).get(cid, split_dir / cid)
         files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) if d.is_dir() else []
         if not files:
             raise DatasetError(f"class folder {d} is {'empty' if d.is_dir() else 'missing'}: every class needs "
@@ -201,8 +275,9 @@ class ResizedSynthetic:
 
 def prepare(source: str, path: Path | None, out: Path, resolution: int | None = None, format: str | None = None,
             quality: int = 90, synthetic: SyntheticSpec | None = None, val_labels: Path | None = None,
-            workers: int | None = None, force: bool = False) -> dict:
-    """Write the betons and manifest of one dataset into `out`; nothing to do if already done."""
+            workers: int | None = None, force: bool = False, superclass_file: Path | None = None) -> dict:
+    """Write the betons and manifest of one dataset into `out`; nothing to do if already done.
+    `superclass_file`: a CSV of class,superclass rows for a folder tree without a superclass level."""
     out = Path(out)
     spec = synthetic or SyntheticSpec()
     if resolution is None:                       # the paper's 256 px squares; synthetic images at their own size
@@ -219,11 +294,18 @@ def prepare(source: str, path: Path | None, out: Path, resolution: int | None = 
     elif source in ("imagenet", "folder"):
         if path is None:
             raise DatasetError(f"`prepare {source}` needs the dataset folder")
-        classes, samples = discover_imagenet(path, val_labels) if source == "imagenet" else discover_folder(path)
+        if superclass_file is not None and source != "folder":
+            raise DatasetError(f"--superclasses applies to `prepare folder` only, not {source}")
+        if source == "imagenet":
+            classes, samples = discover_imagenet(path, val_labels)
+            superclass_order = ["man-made", "natural"]
+        else:
+            classes, samples, superclass_order = discover_folder(path, superclass_file)
         datasets = {s: ImageFiles(samples[s], resolution) for s in ("train", "val")}
         identity = {s: _listing_digest(Path(path), samples[s]) for s in ("train", "val")}
+        if source == "folder" and superclass_order:      # tags make other dissimilar splits: another dataset
+            identity["superclasses"] = {"order": superclass_order, "of": {c["id"]: c["superclass"] for c in classes}}
         name = "imagenet-1k" if source == "imagenet" and len(classes) == 1000 else Path(path).resolve().name
-        superclass_order = ["man-made", "natural"] if source == "imagenet" else None
     else:
         raise DatasetError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
     for i, c in enumerate(classes):
@@ -250,6 +332,8 @@ def prepare(source: str, path: Path | None, out: Path, resolution: int | None = 
     mean, std = _channel_stats(datasets["train"])
     manifest = {
         "name": name, "source": source, "classes": classes, "superclass_order": superclass_order,
+        "source_path": None if path is None else str(Path(path).resolve()),
+        "superclass_file": None if superclass_file is None else str(Path(superclass_file).resolve()),
         "settings": settings.to_dict(), "identity": identity, "fingerprint": fingerprint,
         "counts": {s: {"images": st["images"], "corrupt": st["corrupt"], "per_class": st["per_class"]}
                    for s, st in stats.items()},

@@ -24,8 +24,10 @@ class Recipe:
     dropout: float = 0.5               # on fc6/fc7 (paper: 0.5, kept on when those layers are frozen)
     head: str = "half"                 # 'half': N-way head for a half's N classes; 'paper': 1000-way (unused logits stay)
     # data
-    crop: str = "paper"                # 'paper': random crop of the stored square + mirror; 'rrc'
+    crop: str = "paper"                # 'paper': random crop_size square of the resize_size image + mirror; 'rrc'
     crop_size: int = 227
+    resize_size: int = 256             # side of the square image crops are cut from (paper: 256); a dataset
+                                       # stored at another side is resized to it on the fly, in the loader
     # optimiser (paper: SGD momentum 0.9, wd 5e-4, lr 0.01 at batch 256; biases lr x2, no decay)
     batch_size: int = 256              # global, over all workers
     lr: float = 0.01                   # at `batch_size`
@@ -46,7 +48,6 @@ class Recipe:
     bf16: bool = False                 # autocast on CUDA
     channels_last: bool = False
     compile: bool = False
-    loader_workers: int = 8            # FFCV threads per worker (capped by the worker's CPUs)
 
     def total_steps(self, train_samples: int) -> int:
         if self.iterations:
@@ -64,6 +65,12 @@ class Recipe:
             w = self.warmup_fraction
             return self.lr * 0.5 * (1 + math.cos(math.pi * (frac - w) / max(1e-9, 1 - w)))
         raise ValueError(f"unknown schedule {self.schedule!r}; expected 'step' or 'cosine'")
+
+    def check(self):
+        """One clear error for a recipe that cannot train (e.g. an override through --set or a sweep file)."""
+        if not 0 < self.crop_size <= self.resize_size:
+            raise ValueError(f"recipe {self.name}: crop_size {self.crop_size} must be in 1..resize_size "
+                             f"({self.resize_size}): crops are cut from the resize_size square")
 
     def arch_kwargs(self, resolution: int | None = None) -> dict:
         kw = {"width": self.width, "resolution": resolution or self.crop_size}
@@ -83,17 +90,17 @@ RECIPES = {
     # Same net, bf16 + channels_last + torch.compile on CUDA, batch 1024 with linear lr scaling and
     # warm-up, label smoothing, random-resized crops, a cosine schedule over 30 epochs.
     "fast": Recipe("fast", crop="rrc", batch_size=1024, lr=0.04, epochs=30, schedule="cosine",
-                   warmup_fraction=0.05, label_smoothing=0.1, bf16=True, channels_last=True, compile=True,
-                   loader_workers=16),
-    # CPU-sized: the same 8 named layers at 1/8 width on 28 px crops of the 32 px synthetic images. At that
-    # width dropout 0.5 on 256-unit fc6/fc7 stalls learning for the whole CPU budget (measured), so none.
+                   warmup_fraction=0.05, label_smoothing=0.1, bf16=True, channels_last=True, compile=True),
+    # CPU-sized: the same 8 named layers at 1/8 width on 28 px crops of 32 px images (the synthetic images'
+    # own size; other datasets are resized to 32 px in the loader). At that width dropout 0.5 on 256-unit
+    # fc6/fc7 stalls learning for the whole CPU budget (measured), so none.
     "demo": Recipe("demo", width=0.125, fc_width=0.0625, init="kaiming", dropout=0.0, crop_size=28,
-                   batch_size=32, lr=0.015, warmup_fraction=0.15, epochs=10, milestones=(0.75, 0.92),
-                   evals_per_epoch=3, channels_last=True, loader_workers=1),
+                   resize_size=32, batch_size=32, lr=0.015, warmup_fraction=0.15, epochs=10,
+                   milestones=(0.75, 0.92), evals_per_epoch=3, channels_last=True),
     # For tests and trying things out: the demo net, a few epochs.
     "smoke": Recipe("smoke", width=0.125, fc_width=0.0625, init="kaiming", dropout=0.0, crop_size=28,
-                    batch_size=32, lr=0.015, warmup_fraction=0.15, epochs=3, milestones=(0.7,), evals_per_epoch=2,
-                    channels_last=True, loader_workers=1),
+                    resize_size=32, batch_size=32, lr=0.015, warmup_fraction=0.15, epochs=3, milestones=(0.7,),
+                    evals_per_epoch=2, channels_last=True),
 }
 
 
@@ -104,7 +111,9 @@ def get_recipe(name: str, **overrides) -> Recipe:
     unknown = set(overrides) - set(recipe.to_dict())
     if unknown:
         raise ValueError(f"unknown recipe field(s) {sorted(unknown)}; known: {', '.join(recipe.to_dict())}")
-    return replace(recipe, **overrides)
+    recipe = replace(recipe, **overrides)
+    recipe.check()
+    return recipe
 
 
 def recipe_from_dict(d: dict) -> Recipe:

@@ -310,8 +310,9 @@ def _read_class_file(path, by_index: dict[str, str]) -> list[str]:
 
 # -- checks and use --------------------------------------------------------------------------------
 
-def validate_split(split: Split, classes: Sequence[dict]) -> None:
-    """Raise SplitError unless A and B are non-empty, disjoint and made of the dataset's classes."""
+def validate_split(split: Split, classes: Sequence[dict], min_per_half: int = 1) -> None:
+    """Raise SplitError unless A and B hold at least `min_per_half` classes each (the sweep asks 2), are
+    disjoint and are made of the dataset's classes."""
     def few(xs):
         xs = sorted(xs)
         return ", ".join(xs[:5]) + (f" … ({len(xs)} in all)" if len(xs) > 5 else "")
@@ -330,6 +331,10 @@ def validate_split(split: Split, classes: Sequence[dict]) -> None:
                              "give it at least one class")
         if len(set(ids)) != len(ids):
             raise SplitError(f"half {half} of {split.dataset!r} repeats classes; list each class once")
+        if len(ids) < min_per_half:
+            raise SplitError(f"half {half} ({getattr(split, half + '_name')}) of {split.dataset!r} holds "
+                             f"{len(ids)} class ({', '.join(ids)}); a half needs at least {min_per_half} (top-1 "
+                             "over one class says nothing): move classes into it")
 
 
 def half_classes(split: Split, half: str) -> list[str]:

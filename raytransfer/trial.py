@@ -50,7 +50,8 @@ def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, 
     model = wrap_model(net) if wrap_model else net
     if recipe.compile and device.type == "cuda":
         model = torch.compile(model)
-    loaders = build_half_loaders(spec["data_dir"], spec["target_classes"], CropSpec(recipe.crop, recipe.crop_size),
+    loaders = build_half_loaders(spec["data_dir"], spec["target_classes"],
+                                 CropSpec(recipe.crop, recipe.crop_size, recipe.resize_size),
                                  batch_size=recipe.batch_size // (torch.distributed.get_world_size() if distributed else 1),
                                  device=device, seed=seed, num_workers=num_workers, distributed=distributed,
                                  expect_fingerprint=spec.get("dataset_fingerprint"))

@@ -1,18 +1,20 @@
 """The whole experiment of Yosinski et al. 2014 as one Ray Tune sweep: how transferable are the
 features of each layer, for similar and dissimilar halves of a dataset's classes?
 
-Paper figures 2-3: per n = 1..7 (layers conv1..fc7 copied), the selffers BnB/BnB+ and the
-transfers AnB/AnB+ against the bases, plus random frozen layers and scratch nets as controls.
+Paper figures 2-3: per n = 1..7 (layers conv1..fc7 copied; ResNet-18: stem..layer4.1, n = 1..9), the
+selffers BnB/BnB+ and the transfers AnB/AnB+ against the bases, plus random frozen layers and scratch
+nets as controls.
 Expect: BnB dips at n = 3..5 (co-adaptation), AnB falls with n (specificity; faster on the
 dissimilar split), AnB+ beats the base (fine-tuning boost), random frozen layers fail from n = 3.
 
-Cost: the embedded default (synthetic data, demo scale, 74 jobs) takes minutes on a laptop;
+Cost: the embedded default (synthetic data, demo scale, 76 jobs) takes minutes on a laptop;
 `--scale paper` with the paper's four random splits and the dissimilar one in both directions is
 ~370 networks, ~360 H100-hours (see `--dry-run`).
 
     python sweeps/full_paper.py --dry-run                     # the job table and an estimate
     python sweeps/full_paper.py                               # demo: synthetic data, both splits
     python sweeps/full_paper.py --scale smoke --out /tmp/smoke
+    python sweeps/full_paper.py --data betons --split-file halves.json --arch resnet18   # your data (README)
     python sweeps/full_paper.py --scale paper --data /mnt/betons/imagenet --storage s3://bucket/rt \
         --directions both --gpus-per-trial 1 --address auto
 """
@@ -24,11 +26,13 @@ from raytransfer.sweep import main
 
 GRID = {
     "split": tune.grid_search(["similar", "dissimilar"]),     # random halves; man-made vs natural
+                                                              # (--split-file F.json: your own halves)
     "target": tune.grid_search(["B"]),                        # one direction (--directions both: + "A")
     "treatment": tune.grid_search(["BnB", "BnB+", "AnB", "AnB+",       # selffers and transfers, frozen and fine-tuned
                                    "random_frozen",                    # control: random frozen layers
                                    "scratch"]),                        # control: nothing copied (n ignored)
-    "n": tune.grid_search([1, 2, 3, 4, 5, 6, 7]),             # layers copied: conv1 .. fc7
+    "n": "all",                                               # layers copied: 1 .. layers-1 of the arch
+                                                              # (CaffeNet: conv1 .. fc7); --n 1,3,5 for some
     "seed": tune.grid_search([0]),                            # training seed (--train-seeds 0,1,2 for more)
     # the similar split's seeds come from the scale (0 at demo scale; the paper's 0-3 at paper scale)
     # or --seeds; bases A and B of every split are added as the jobs' dependencies.

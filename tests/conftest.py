@@ -38,6 +38,25 @@ def save_image(arr, path: Path):
     Image.fromarray(arr).save(path, **({"quality": 90} if path.suffix.lower() in (".jpg", ".jpeg") else {}))
 
 
+def write_synthetic_tree(root, superclass_level: bool = True, **spec) -> Path:
+    """The built-in synthetic images as a user's class-folder tree of JPEGs: root/<split>/<family>/<class>/
+    (or root/<split>/<class>/ without the superclass level). Images whose classes a 28 px corner of an
+    enlarged copy cannot tell apart, unlike class-tinted noise."""
+    from raytransfer.synthetic import SyntheticImages, SyntheticSpec
+
+    spec = SyntheticSpec(**spec)
+    classes = spec.classes()
+    for split in ("train", "val"):
+        images = SyntheticImages(spec, split)
+        for i in range(len(images)):
+            img, label = images[i]
+            c = classes[label]
+            d = Path(root) / split / (c["superclass"] if superclass_level else "") / c["id"]
+            d.mkdir(parents=True, exist_ok=True)
+            save_image(img, d / f"{i:05d}.jpg")
+    return Path(root)
+
+
 def write_corrupt_jpeg(path: Path, kind: str = "truncated"):
     """A file with a JPEG name that PIL cannot decode: a JPEG cut in half, or random bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -309,3 +309,22 @@ def test_t_quantile_is_students_t():
 
     for df, value in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423)):
         assert abs(t_quantile(0.975, df) - value) < 1e-4, df
+
+
+def test_axis_names_the_tables_layers_and_split_files_get_their_own_series():
+    """A ResNet-18 table on a split file: n ticks named after its layers (the CaffeNet overlay adds its
+    n unnamed), figure 2 draws AnB of that split as its own series, matched with that split's bases."""
+    def row(key, treatment, target, n=0, value=0.5, layer="", split="mine", source=""):
+        return {**make_row(key, treatment, target, n, value, split_kind="file", source=source), "arch": "resnet18",
+                "layer": layer, "split": split}
+    rows = with_base(normalise_rows(pd.DataFrame([
+        row("bB", "baseB", "B", value=0.6), row("t3", "AnB", "B", 3, 0.55, "layer1.1", source="A"),
+        row("t9", "AnB", "B", 9, 0.40, "layer4.1", source="A"),
+        row("oB", "baseB", "B", value=0.9, split="other"), row("o3", "AnB", "B", 3, 0.85, "layer1.1", "other", "A")])))
+    assert rows.set_index("job_key").loc[["t3", "t9", "o3"], "rel"].round(2).tolist() == [-0.05, -0.2, -0.05]
+    fig = build_figures(rows, pd.DataFrame(columns=["job_key", "epoch"]), with_base(paper_rows()))["fig2_dissimilar"]
+    axis = fig.layout.xaxis
+    assert axis.title.text == "n: layers copied (layer1.1..layer4.1)"
+    assert "3<br>layer1.1" in axis.ticktext and "9<br>layer4.1" in axis.ticktext and "2" in axis.ticktext
+    assert not [t for t in axis.ticktext if "conv" in t or "fc" in t]
+    assert {t.name for t in fig.data if t.meta == "sweep"} >= {"AnB, split mine", "AnB, split other"}

@@ -11,7 +11,6 @@ experiment.
 """
 from __future__ import annotations
 
-import json
 import os
 import runpy
 import shutil

@@ -145,6 +145,27 @@ def test_rrc_crop_of_the_fast_recipe(xy):
         assert SORTED[k] == ["apple", "mango"][y]
 
 
+def test_a_crop_is_the_same_share_of_the_image_at_any_stored_side(xy, tmp_path):
+    """The xy images stored at 4x their side (160 px) and read with CropSpec(resize=40): the centre crop is
+    the exact 32 px centre crop of the 40 px copy, resized (within rounding), and every random crop spans
+    32 of the picture's columns; without `resize` it is 32 px of the enlarged image, 8 columns of the picture."""
+    big = tmp_path / "big"
+    m = prepare("folder", xy[0].parent / "tree", big, resolution=4 * STORED, format="raw", workers=1)
+    exact = build_half_loaders(xy[0], HALF, CropSpec("paper", CROP), batch_size=4, device=CPU, seed=0)
+    resized = build_half_loaders(big, HALF, CropSpec("paper", CROP, resize=STORED), batch_size=4, device=CPU, seed=0)
+    patch = build_half_loaders(big, HALF, CropSpec("paper", CROP), batch_size=4, device=CPU, seed=0)
+    want = np.concatenate([pixels(images, xy[1]) for images, _ in exact.val])
+    got = np.concatenate([pixels(images, m) for images, _ in resized.val])
+    corner = np.concatenate([pixels(images, m) for images, _ in patch.val])
+    assert want.shape == got.shape == corner.shape and np.abs(got - want).max() <= 2
+    assert np.abs(corner - want).mean() > 20
+    for images, _ in resized.train:
+        red = pixels(images, m)[..., 0]                          # 6 * x of the 40 px picture
+        assert (red.max(axis=(1, 2)) - red.min(axis=(1, 2)) >= 6 * (CROP - 2)).all()
+    spans = [np.ptp(pixels(images, m)[..., 0], axis=(1, 2)) for images, _ in patch.train]
+    assert np.concatenate(spans).max() <= 6 * 9
+
+
 # -- indices from metadata only ----------------------------------------------------------------------
 
 def test_indices_come_from_the_label_column_only(xy, tmp_path):

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from raytransfer.cli import main as cli_main
-from raytransfer.models import CaffeNet, CrossChannelLRN, ResNet18, build_model, describe_layers
+from raytransfer.models import CaffeNet, CrossChannelLRN, ResNet18, build_model, describe_layers, layer_names
 
 CAFFENET_LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
 RESNET_LAYERS = ["stem"] + [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)] + ["fc"]
@@ -107,8 +107,19 @@ def test_every_parameter_belongs_to_exactly_one_layer(arch):
 def test_build_model_errors_name_the_choices():
     with pytest.raises(ValueError, match="caffenet, resnet18"):
         build_model("vgg16", 10)
-    with pytest.raises(ValueError, match="width=1.0 only"):
-        ResNet18(10, width=0.5)
+    with pytest.raises(ValueError, match="width 0 must be > 0"):
+        ResNet18(10, width=0)
+    with pytest.raises(ValueError, match="caffenet, resnet18"):
+        layer_names("vgg16")
+
+
+def test_resnet18_width_scales_torchvisions_blocks():
+    """The demo/smoke recipes' 1/8 width reaches ResNet-18: every stage 8x narrower, the same table."""
+    net = ResNet18(10, width=0.125, resolution=28)
+    assert [layer.name for layer in net.layer_table()] == RESNET_LAYERS == list(layer_names("resnet18"))
+    assert (net.conv1.out_channels, net.layer1[0].conv2.out_channels, net.layer4[1].conv2.out_channels) == (8, 8, 64)
+    assert net.fc.in_features == 64 and net(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in ResNet18(10, resolution=28).parameters()) / 50
 
 
 def test_layers_command_prints_the_table(capsys):
@@ -126,3 +137,16 @@ def test_layers_command_prints_the_table(capsys):
 def test_layers_command_unknown_arch(capsys):
     assert cli_main(["layers", "alexnet"]) == 2
     assert "caffenet, resnet18" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["paper", "fast", "demo", "smoke"])
+@pytest.mark.parametrize("arch", ["caffenet", "resnet18"])
+def test_every_recipe_builds_either_architecture(recipe, arch):
+    """--arch reaches every recipe: the recipe's net at its crop size, the table's n range 1 .. layers - 1."""
+    from raytransfer.recipes import get_recipe
+    from raytransfer.sweep.jobs import n_range
+
+    r = get_recipe(recipe, arch=arch)
+    net = build_model(r.arch, 5, **r.arch_kwargs())
+    assert net(torch.zeros(1, 3, r.crop_size, r.crop_size)).shape == (1, 5)
+    assert list(n_range(arch)) == list(range(1, len(net.layer_table())))

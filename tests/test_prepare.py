@@ -5,6 +5,7 @@ import csv
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,6 +100,70 @@ def test_folder_tree_to_betons(folder_dataset):
         images = r.metadata[f"f{r.field_names.index('image')}"]
         assert set(images["width"]) == set(images["height"]) == {32}       # varied sizes squashed to 32x32
         np.testing.assert_array_equal(label_column(out / f"{split}.beton"), np.repeat([0, 1, 2], n))
+
+
+def superclass_tree(root, layout: dict, val_layout: dict | None = None) -> Path:
+    """root/<split>/<superclass>/<class>/*.jpg for layout = {superclass: [classes]} ("" = no superclass level)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 1)):
+        for sc, classes in (val_layout if split == "val" and val_layout else layout).items():
+            for c in classes:
+                d = Path(root) / split / sc / c
+                d.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    save_image(rng.integers(0, 256, (20, 20, 3)).astype(np.uint8), d / f"{i}.jpg")
+    return Path(root)
+
+
+def test_superclass_level_tags_every_class(tmp_path, capsys):
+    """train/<superclass>/<class>/ (val/ flat here): classes sorted by id, each tagged; the dissimilar split
+    of `raytransfer split` takes the first superclass (sorted) as half A."""
+    tree = superclass_tree(tmp_path / "tree", {"thing": ["pen", "cup"], "animal": ["dog", "cat"]},
+                           val_layout={"": ["cat", "cup", "dog", "pen"]})
+    out = tmp_path / "out"
+    assert main(["prepare", "folder", str(tree), "--out", str(out), "--resolution", "16", "--workers", "1"]) == 0
+    assert "4 classes, superclasses animal (2 classes), thing (2 classes)" in capsys.readouterr().out
+    m = read_manifest(out)
+    assert [(c["id"], c["superclass"]) for c in m["classes"]] == [("cat", "animal"), ("cup", "thing"),
+                                                                  ("dog", "animal"), ("pen", "thing")]
+    assert m["superclass_order"] == ["animal", "thing"] and m["source_path"] == str(tree.resolve())
+    assert main(["split", str(out), "--kind", "dissimilar", "--out", str(tmp_path / "d.json")]) == 0
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert (d["rule"], d["A_name"], d["A"], d["B"]) == ("superclass", "animal", ["cat", "dog"], ["cup", "pen"])
+
+
+def test_superclass_csv_tags_a_flat_tree(tmp_path):
+    """--superclasses CSV: a header row is allowed; the first superclass listed is half A; tags are part of
+    the dataset's identity (the same images without them are another dataset)."""
+    tree = superclass_tree(tmp_path / "tree", {"": ["cat", "cup", "dog", "pen"]})
+    (tmp_path / "sc.csv").write_text("class,superclass\ncup,thing\ncat,animal\npen,thing\n\ndog,animal\n")
+    m = prepare("folder", tree, tmp_path / "out", resolution=16, workers=1, superclass_file=tmp_path / "sc.csv")
+    assert m["superclass_order"] == ["thing", "animal"]
+    assert {c["id"]: c["superclass"] for c in m["classes"]} == {"cat": "animal", "cup": "thing", "dog": "animal",
+                                                                "pen": "thing"}
+    with pytest.raises(DatasetError, match="--force"):
+        prepare("folder", tree, tmp_path / "out", resolution=16, workers=1)
+
+
+@pytest.mark.parametrize("layout,csv_text,message", [
+    ({"animal": ["cat", "dog"]}, None, "gives every class the one superclass 'animal'"),
+    ({"": ["cat", "dog"]}, "cat,animal\ndog,animal\n", "gives every class the one superclass 'animal'"),
+    ({"animal": ["cat"], "": ["cup"]}, None, "mixes class folders with images (cup) and superclass folders"),
+    ({"animal": ["cat", "dog"], "thing": ["cat", "cup"]}, None, "class 'cat' is under two superclasses"),
+    ({"": ["cat", "dog", "pen"]}, "cat,animal\ndog,thing\n", "gives no superclass to 1 class(es) (pen)"),
+    ({"": ["cat", "dog"]}, "cat,animal\ndog,thing\nemu,animal\n", "names 1 class(es) the tree does not have (emu)"),
+    ({"": ["cat", "dog"]}, "cat,animal\ndog,thing\ncat,thing\n", "gives class 'cat' two superclasses"),
+    ({"animal": ["cat"], "thing": ["cup"]}, "cat,animal\ncup,thing\n", "already has a superclass level"),
+])
+def test_bad_superclasses_are_one_error_line(tmp_path, capsys, layout, csv_text, message):
+    tree = superclass_tree(tmp_path / "tree", layout)
+    flags = ["--superclasses", str(tmp_path / "sc.csv")] if csv_text else []
+    if csv_text:
+        (tmp_path / "sc.csv").write_text(csv_text)
+    assert main(["prepare", "folder", str(tree), "--out", str(tmp_path / "out"), "--resolution", "16", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raytransfer prepare: error:") and message in err[0], err
+    assert not (tmp_path / "out").exists()                               # refused before writing anything
 
 
 def imagenet_tree(root, val_layout):

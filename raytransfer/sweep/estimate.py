@@ -1,18 +1,12 @@
 """What a grid will cost, for --dry-run: GPU-hours from the measured step speeds.
 
 A job's cost relative to a base step comes from the paper's K20 logs (frozen prefixes skip the
-backward pass below the cut; ../shared/paper/README.md section 5); a base step's speed from the
-H100 measurement in DESIGN.md (the paper's net compiled in bf16: 23.9k img/s at batch 256).
+backward pass below the cut), a base step's speed from one H100 (raytransfer/step_costs.py). Both
+are CaffeNet's; for another architecture the dry run says so instead of guessing.
 """
 from __future__ import annotations
 
-# seconds per iteration on the paper's K20: all-trainable 1.77; frozen n = 1..7
-K20_S_PER_ITER = {0: 1.77, 1: 1.48, 2: 1.19, 3: 1.01, 4: 0.83, 5: 0.69, 6: 0.66, 7: 0.65}
-H100_BASE_IMG_PER_S = 23_900          # one H100, compiled bf16, batch 256 (DESIGN.md)
-
-
-def relative_cost(frozen_layers: int) -> float:
-    return K20_S_PER_ITER[frozen_layers] / K20_S_PER_ITER[0]
+from ..step_costs import H100_BASE_IMG_PER_S, MEASURED_ARCH, relative_cost
 
 
 def job_images(recipe, train_images: int) -> int:
@@ -22,6 +16,10 @@ def job_images(recipe, train_images: int) -> int:
 def print_estimate(jobs, done: dict, recipe, dataset):
     """GPU-hours of the jobs still to run, at the H100 base speed (a lower bound: input can be slower)."""
     todo = [j for j in jobs if j.key not in done]
+    if recipe.arch != MEASURED_ARCH:
+        print(f"estimate: none for {recipe.arch}: step speeds were measured for {MEASURED_ARCH} only "
+              f"({len(todo)} jobs to run)")
+        return
     per_class = _train_images_per_class(dataset)
     hours = 0.0
     for j in todo:

@@ -3,6 +3,12 @@
 A job's key is a readable name plus a hash of everything that determines its result (dataset
 fingerprint, split manifest hash, training seed, arch, recipe, treatment, n, source and target
 half): same key, same job, never trained twice. Workers, storage and the cluster are left out.
+The readable name comes from the split's content too, so a split read from a manifest file keys
+like the same split made by the sweep.
+
+Split axis values: "similar" (with the `split_seed` axis), "dissimilar", or "file:PATH", a split
+manifest written by `raytransfer split` (any kind); its file name (without .json) is its label in
+the results and the report. n runs over 1 .. layers - 1 of the recipe's architecture.
 
 Treatments are named from the target's point of view: with target B, AnB copies from baseA and BnB
 from baseB (a selffer); with target A ("BnA" in the paper's words) the row says treatment AnB,
@@ -16,15 +22,29 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from ..models import layer_names
 from ..recipes import Recipe
-from ..splits import Split, dissimilar_split, half_classes, similar_split, validate_split
+from ..splits import (WNID, Split, SplitError, dissimilar_split, half_classes, is_imagenet_1k, similar_split,
+                      validate_split)
 
 TREATMENTS = ("AnB", "BnB", "AnB+", "BnB+", "random_frozen", "scratch")
 ALL_TREATMENTS = ("baseA", "baseB") + TREATMENTS
-SPLIT_KINDS = ("similar", "dissimilar")
+SPLIT_KINDS = ("similar", "dissimilar")                              # built in; a manifest is "file:PATH"
+SPLIT_FILE = "file:"
 DIRECTIONS = {"AtoB": ("B",), "BtoA": ("A",), "both": ("B", "A")}   # -> target halves
-MAX_N = 7                                                            # CaffeNet: conv1..fc7 can be copied
+MIN_CLASSES_PER_HALF = 2                                             # top-1 over one class says nothing
+
+
+def n_range(arch: str) -> range:
+    """The n a job of `arch` may copy: 1 .. layers - 1 (the last layer, the head, is never copied)."""
+    return range(1, len(layer_names(arch)))
+
+
+def describe_n_range(arch: str) -> str:
+    names = layer_names(arch)
+    return f"1..{len(names) - 1} for {arch} ({names[0]}..{names[-2]}; its head {names[-1]} is never copied)"
 
 
 @dataclass(frozen=True)
@@ -39,6 +59,9 @@ class Job:
     n: int
     base_key: str | None                      # the job whose weights it needs (None: no dependency)
     spec: dict = field(repr=False)            # the trial spec run_trial takes
+    split_label: str = ""                     # "similar-s0", "dissimilar", or a split file's name
+    split_sha256: str = ""
+    layer: str = ""                           # layer n of the arch's table: the last one copied ("" at n = 0)
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -47,8 +70,9 @@ class Job:
     def row(self) -> dict:
         """The columns a results row takes from the job itself."""
         return {"job_key": self.key, "split_kind": self.split_kind, "split_seed": self.split_seed,
-                "seed": self.seed, "treatment": self.treatment, "source_half": self.source_half or "",
-                "target_half": self.target_half, "n": self.n, "base_job_key": self.base_key or ""}
+                "split": self.split_label, "split_sha256": self.split_sha256, "seed": self.seed,
+                "treatment": self.treatment, "source_half": self.source_half or "", "target_half": self.target_half,
+                "n": self.n, "layer": self.layer, "base_job_key": self.base_key or ""}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,66 +96,126 @@ def expand_axes(param_space: dict) -> list[dict]:
     return [config for _, config in generate_variants(param_space)]
 
 
-def validate_axes(axes: list[dict]):
+def validate_axes(axes: list[dict], arch: str = "caffenet"):
     """One clear error for a bad grid, before anything is trained."""
+    ns = n_range(arch)
     for a in axes:
-        if a["split"] not in SPLIT_KINDS:
-            raise ValueError(f"unknown split kind {a['split']!r}; expected one of {', '.join(SPLIT_KINDS)}")
+        if a["split"] not in SPLIT_KINDS and not str(a["split"]).startswith(SPLIT_FILE):
+            raise ValueError(f"unknown split kind {a['split']!r}; expected one of {', '.join(SPLIT_KINDS)}, or "
+                             "file:PATH (a split manifest of `raytransfer split`, as --split-file PATH)")
         if a["treatment"] not in TREATMENTS:
             raise ValueError(f"unknown treatment {a['treatment']!r}; expected one of {', '.join(TREATMENTS)}")
         if a["target"] not in ("A", "B"):
             raise ValueError(f"unknown target half {a['target']!r}; expected A or B")
-        if a["treatment"] != "scratch" and not 1 <= int(a["n"]) <= MAX_N:
-            raise ValueError(f"n={a['n']} is outside 1..{MAX_N} (layers conv1..fc7 can be copied)")
+        if a["treatment"] != "scratch" and int(a["n"]) not in ns:
+            raise ValueError(f"n={a['n']} is outside {describe_n_range(arch)}")
 
 
-def make_split(dataset: Dataset, kind: str, seed: int) -> Split:
-    if kind == "similar":
-        split = similar_split(dataset.name, dataset.classes, seed)
+def make_split(dataset: Dataset, source: str, seed: int) -> tuple[Split, str]:
+    """The split an axis value names, checked against the dataset, and its label."""
+    if source == "similar":
+        split, label, where = similar_split(dataset.name, dataset.classes, seed), f"similar-s{seed}", "--splits similar"
+    elif source == "dissimilar":
+        why = why_no_dissimilar(dataset)
+        if why:
+            raise SplitError(f"--splits dissimilar {why}")
+        split, label, where = dissimilar_split(dataset.name, dataset.classes, dataset.superclass_order), \
+            "dissimilar", "--splits dissimilar"
     else:
-        split = dissimilar_split(dataset.name, dataset.classes, dataset.superclass_order)
-    validate_split(split, dataset.classes)
-    return split
+        path = source[len(SPLIT_FILE):]
+        where = f"--split-file {path}"
+        try:
+            split, label = Split.load(path), Path(path).name.removesuffix(".json")
+        except SplitError as e:
+            raise SplitError(f"{where}: {e}") from None
+    try:
+        validate_split(split, dataset.classes, min_per_half=MIN_CLASSES_PER_HALF)
+    except SplitError as e:
+        raise SplitError(f"{where} on {dataset.data_dir}: {e}") from None
+    return split, label
+
+
+def why_no_dissimilar(dataset: Dataset) -> str | None:
+    """Why the dataset has no dissimilar split, and how a user's own data gets one (None: it has one).
+    It needs the paper's ImageNet lists, wnid class ids, or exactly two superclasses."""
+    tags = [c.get("superclass") for c in dataset.classes]
+    order = list(dataset.superclass_order or [])
+    own_halves = (f"or write the halves yourself: `raytransfer split {dataset.data_dir} --kind file --a-file A.txt "
+                  "--b-file B.txt --out halves.json` (one class per line), then pass --split-file halves.json")
+    if order and all(tags):
+        if len(order) != 2:
+            return (f"divides the classes of {dataset.data_dir} by superclass, but it has {len(order)} "
+                    f"({', '.join(order[:5])}), not two: prepare it again with `--superclasses CSV` mapping every "
+                    f"class to one of two superclasses, {own_halves}")
+        return None
+    if is_imagenet_1k(dataset.classes) or all(WNID.match(c["id"]) for c in dataset.classes):
+        return None
+    return (f"needs superclass tags, and {dataset.data_dir} ({dataset.name}) has none (nor WordNet ids): prepare "
+            "it with a superclass level, `raytransfer prepare folder SRC --out DIR` on "
+            "SRC/train/<superclass>/<class>/<image> (val/ likewise), or with `--superclasses CSV` "
+            f"(class,superclass rows); {own_halves}")
+
+
+def split_id(split: Split) -> str:
+    """The readable part of a job key, from the split's content: similarN, dissimilar0, file<sha>."""
+    if split.kind == "similar":
+        return f"similar{split.seed}"
+    if split.kind == "dissimilar":
+        return "dissimilar0"
+    return f"file{split.sha256[:6]}"
 
 
 def build_jobs(axes: list[dict], dataset: Dataset, recipe: Recipe) -> tuple[list[Job], dict]:
-    """Jobs for every axis combination, plus the bases they need; bases first, then by split and n."""
-    validate_axes(axes)
-    splits, jobs = {}, {}
+    """Jobs for every axis combination, plus the bases they need; bases first, then by split and n.
+    Also returns the grid's splits by label."""
+    validate_axes(axes, recipe.arch)
+    if len(dataset.classes) < 2 * MIN_CLASSES_PER_HALF:
+        raise ValueError(f"{dataset.data_dir} ({dataset.name}) has {len(dataset.classes)} classes; the sweep splits "
+                         f"them into two halves of at least {MIN_CLASSES_PER_HALF} classes each, so it needs at least "
+                         f"{2 * MIN_CLASSES_PER_HALF}: add class folders and prepare it again")
+    made, by_sha, jobs = {}, {}, {}                # axis value -> split; sha -> (split, label)
     for a in axes:
-        kind, split_seed = a["split"], (int(a["split_seed"]) if a["split"] == "similar" else 0)
+        source = a["split"]
+        split_seed = int(a["split_seed"]) if source == "similar" else 0
         seed = int(a.get("seed", 0))
-        sid = f"{kind}{split_seed}"
-        if sid not in splits:
-            splits[sid] = make_split(dataset, kind, split_seed)
-        split = splits[sid]
+        if (source, split_seed) not in made:
+            split, label = make_split(dataset, source, split_seed)
+            split, label = by_sha.setdefault(split.sha256, (split, label))     # one split, however named
+            made[(source, split_seed)] = (split, label)
+        split, label = made[(source, split_seed)]
         target = a["target"]
         treatment, n = a["treatment"], (0 if a["treatment"] == "scratch" else int(a["n"]))
-        base = {h: _job(dataset, split, sid, kind, split_seed, seed, recipe, f"base{h}", None, h, 0, None)
-                for h in ("A", "B")}
+        base = {h: _job(dataset, split, label, seed, recipe, f"base{h}", None, h, 0, None) for h in ("A", "B")}
         for b in base.values():
             jobs.setdefault(b.key, b)
         if treatment in ("random_frozen", "scratch"):
-            source, base_key = None, None
+            source_half, base_key = None, None
         else:
-            source = target if treatment.startswith("BnB") else ("A" if target == "B" else "B")
-            base_key = base[source].key
-        job = _job(dataset, split, sid, kind, split_seed, seed, recipe, treatment, source, target, n, base_key)
+            source_half = target if treatment.startswith("BnB") else ("A" if target == "B" else "B")
+            base_key = base[source_half].key
+        job = _job(dataset, split, label, seed, recipe, treatment, source_half, target, n, base_key)
         jobs.setdefault(job.key, job)
+    splits = {}
+    for split, label in by_sha.values():
+        if label in splits:
+            raise SplitError(f"two different splits of the grid are both labelled {label!r} (split files of one "
+                             "name in two folders?): rename one of the files")
+        splits[label] = split
     order = {t: i for i, t in enumerate(ALL_TREATMENTS)}
     ordered = sorted(jobs.values(), key=lambda j: (j.base_key is not None or j.treatment not in ("baseA", "baseB"),
-                                                   j.split_kind, j.split_seed, j.seed, j.n, order[j.treatment],
-                                                   j.target_half))
+                                                   j.split_kind, j.split_label, j.split_seed, j.seed, j.n,
+                                                   order[j.treatment], j.target_half))
     return ordered, splits
 
 
-def _job(dataset, split, sid, kind, split_seed, seed, recipe, treatment, source, target, n, base_key) -> Job:
+def _job(dataset, split, label, seed, recipe, treatment, source, target, n, base_key) -> Job:
     identity = {"dataset": dataset.fingerprint, "split": split.sha256, "seed": seed, "arch": recipe.arch,
                 "recipe": recipe.to_dict(), "treatment": treatment, "n": n, "source": source, "target": target}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    name = f"{sid}-{treatment}-{target}" + (f"-n{n}" if n else "") + f"-s{seed}-{recipe.name}"
+    name = f"{split_id(split)}-{treatment}-{target}" + (f"-n{n}" if n else "") + f"-s{seed}-{recipe.name}"
     key = f"{name}-{digest}".replace("+", "p")
     spec = {"job_key": key, "data_dir": dataset.data_dir, "dataset_fingerprint": dataset.fingerprint,
             "target_classes": half_classes(split, target), "treatment": treatment, "n": n, "seed": seed,
             "recipe": recipe.to_dict(), "synthetic": dataset.synthetic}
-    return Job(key, treatment, kind, split_seed, seed, source, target, n, base_key, spec)
+    return Job(key, treatment, split.kind, split.seed or 0, seed, source, target, n, base_key, spec,
+               split_label=label, split_sha256=split.sha256, layer=layer_names(recipe.arch)[n - 1] if n else "")

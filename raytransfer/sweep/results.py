@@ -3,6 +3,8 @@
 `results.csv` and `results.parquet` (same rows), and `curves.csv` (per-epoch metrics of the done
 jobs). A failed job (e.g. its frozen layers changed) is a row with status "failed" and its reason,
 never "done": the analysis reads only done rows. The analysis package reads only these files.
+`split` is the split's label ("similar-s0", "dissimilar", or a --split-file's name), `layer` the
+name of layer n in the arch's table, the last one copied (the report's axis labels).
 
     table = write_results(out_dir, jobs, store.completed())
 """
@@ -13,10 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["job_key", "dataset", "split_kind", "split_seed", "seed", "treatment", "source_half", "target_half",
-           "n", "arch", "recipe", "top1_final", "top1_best10", "top5_final", "epochs", "train_images_per_s",
-           "wall_s", "frozen_check", "base_job_key", "status", "reason", "host", "node_id", "gpus_held", "device",
-           "attempts", "base_weights_via", "checkpoint_bytes", "started_at", "finished_at"]
+COLUMNS = ["job_key", "dataset", "split_kind", "split_seed", "split", "split_sha256", "seed", "treatment",
+           "source_half", "target_half", "n", "layer", "arch", "recipe", "top1_final", "top1_best10", "top5_final",
+           "epochs", "train_images_per_s", "wall_s", "frozen_check", "base_job_key", "status", "reason", "host",
+           "node_id", "gpus_held", "device", "attempts", "base_weights_via", "checkpoint_bytes", "started_at",
+           "finished_at"]
 CURVE_COLUMNS = ["job_key", "epoch", "train_loss", "val_top1", "val_top5", "lr", "images_per_s"]
 
 

@@ -21,11 +21,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..recipes import get_recipe
+from ..models import ARCHITECTURES
+from ..recipes import Recipe, get_recipe
 from ..synthetic import SyntheticSpec
 from .errors import SweepError
 from .monitor import LiveReport, MLflowJobs
-from .jobs import DIRECTIONS, MAX_N, SPLIT_KINDS, TREATMENTS, Dataset, Job, build_jobs, expand_axes
+from .jobs import (DIRECTIONS, SPLIT_FILE, SPLIT_KINDS, TREATMENTS, Dataset, Job, build_jobs, describe_n_range,
+                   expand_axes, n_range)
 from .results import write_results
 from .store import JobStore, _split_uri
 
@@ -51,12 +53,19 @@ SCALES = {
 def add_sweep_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("grid (override the sweep file's axes)")
     g.add_argument("--splits", help=f"comma list of {', '.join(SPLIT_KINDS)}")
+    g.add_argument("--split-file", action="append", type=Path, metavar="FILE.json",
+                   help="a split manifest written by `raytransfer split` (any --kind, file included) as one more "
+                        "split of the grid, labelled by its file name; repeatable. Without --splits the grid's "
+                        "splits are these files alone")
     g.add_argument("--seeds", help="similar-split seeds, e.g. 0,1,2,3 (the paper's four random halves)")
     g.add_argument("--train-seeds", help="training seeds (initialisation and data order), e.g. 0,1,2")
-    g.add_argument("--n", help="layers copied, e.g. 1-7 or 1,3,5")
+    g.add_argument("--n", help="layers copied, e.g. 1-7 or 1,3,5 (default: all, 1 .. layers - 1 of --arch)")
     g.add_argument("--treatments", help=f"comma list of {', '.join(TREATMENTS)}")
     g.add_argument("--directions", choices=sorted(DIRECTIONS), help="AtoB: target B; BtoA: target A; both")
     p.add_argument("--scale", default="demo", help=f"one of {', '.join(SCALES)} (recipe and built-in data size)")
+    p.add_argument("--arch", choices=ARCHITECTURES, default=None,
+                   help="the network of every job: caffenet (the paper's, default) or resnet18 (torchvision's, "
+                        "at the recipe's width); its layer table sets the n range")
     p.add_argument("--data", type=Path, help="a prepared dataset folder (raytransfer prepare); default: built-in synthetic")
     p.add_argument("--out", type=Path, help="experiment folder for results and report (default results/<sweep>-<scale>)")
     p.add_argument("--storage", help="where the job store, checkpoints and Tune state live: a path or s3://... (default: --out)")
@@ -107,23 +116,31 @@ def _names(text: str, allowed, what: str) -> list[str]:
     return names
 
 
-def apply_overrides(grid: dict, args) -> dict:
-    """The sweep file's axes with the command line's subsets, each checked."""
+def apply_overrides(grid: dict, args, arch: str = "caffenet") -> dict:
+    """The sweep file's axes with the command line's subsets, each checked; n "all" (the sweep file's
+    default) becomes every n of the architecture's table."""
     from ray import tune
 
     grid = dict(grid)
-    if args.splits:
-        grid["split"] = tune.grid_search(_names(args.splits, SPLIT_KINDS, "split kind"))
+    if args.splits or args.split_file:
+        kinds = _names(args.splits, SPLIT_KINDS, "split kind") if args.splits else []
+        for f in args.split_file or []:
+            if not f.is_file():
+                raise SweepError(f"--split-file {f} does not exist: make it with `raytransfer split DATA_DIR --kind "
+                                 f"similar|dissimilar|file ... --out {f}`")
+        grid["split"] = tune.grid_search(kinds + [f"{SPLIT_FILE}{f.resolve()}" for f in args.split_file or []])
     if args.seeds:
         grid["split_seed"] = tune.grid_search(_ints(args.seeds, "seeds"))
     if args.train_seeds:
         grid["seed"] = tune.grid_search(_ints(args.train_seeds, "train-seeds"))
     if args.n:
         ns = _ints(args.n, "n")
-        bad = [n for n in ns if not 1 <= n <= MAX_N]
+        bad = [n for n in ns if n not in n_range(arch)]
         if bad:
-            raise SweepError(f"--n {bad[0]} is outside 1..{MAX_N} (n = layers copied, conv1..fc7)")
+            raise SweepError(f"--n {bad[0]} is outside {describe_n_range(arch)}: n counts the layers copied")
         grid["n"] = tune.grid_search(ns)
+    if grid.get("n") == "all":
+        grid["n"] = tune.grid_search(list(n_range(arch)))
     if args.treatments:
         grid["treatment"] = tune.grid_search(_names(args.treatments, TREATMENTS, "treatment"))
     if args.directions:
@@ -162,6 +179,60 @@ def resolve_dataset(args, scale: Scale, cache: Path) -> Dataset:
                    synthetic=scale.synthetic.to_dict() if args.data is None else None)
 
 
+def check_resolution(dataset: Dataset, recipe: Recipe) -> str | None:
+    """The recipe's image side against the dataset's stored one: one error where the loader would have to
+    enlarge images past the crop, a note where it resizes them on the fly, None where they agree."""
+    from ..loaders import CropSpec, crop_window
+    from ..prepare import read_manifest
+
+    manifest = read_manifest(dataset.data_dir)
+    stored, want = manifest["settings"]["resolution"], recipe.resize_size
+    if stored == want:
+        return None
+    command = prepare_command(manifest, dataset.data_dir, want)
+    if stored is None or stored < recipe.crop_size:
+        held = "images of any size" if stored is None else f"{stored} px images"
+        raise SweepError(f"--data {dataset.data_dir} holds {held}; recipe {recipe.name} cuts {recipe.crop_size} px "
+                         f"crops from {want} px images and never enlarges a stored image past its crop: prepare "
+                         f"the dataset at {want} px, `{command}`, and rerun with that --data")
+    window = crop_window(stored, CropSpec(recipe.crop, recipe.crop_size, want))
+    return (f"{dataset.data_dir} holds {stored} px images; recipe {recipe.name} cuts {recipe.crop_size} px crops from "
+            f"{want} px images, so the loader resizes each crop on the fly ({window} px of the stored image to "
+            f"{recipe.crop_size} px). To load faster, store them at {want} px: `{command}`")
+
+
+def drop_dissimilar_without_superclasses(grid: dict, dataset: Dataset) -> tuple[dict, str | None]:
+    """The sweep file's split axis without "dissimilar" where the dataset cannot make it (no superclass
+    tags), and a note saying so and how to get it; --splits dissimilar asked explicitly is an error instead."""
+    from ray import tune
+
+    from .jobs import why_no_dissimilar
+
+    kinds = grid["split"].get("grid_search", []) if isinstance(grid.get("split"), dict) else []
+    why = why_no_dissimilar(dataset) if "dissimilar" in kinds and len(kinds) > 1 else None
+    if why is None:
+        return grid, None
+    return ({**grid, "split": tune.grid_search([k for k in kinds if k != "dissimilar"])},
+            f"no dissimilar split in this grid: it {why}")
+
+
+def prepare_command(manifest: dict, data_dir: str, resolution: int) -> str:
+    """The `raytransfer prepare` command that writes this dataset again at another stored side."""
+    out = f"{str(data_dir).rstrip('/')}-{resolution}px"
+    source = manifest.get("source", "folder")
+    fmt = manifest["settings"].get("format")
+    extra = f" --format {fmt}" if fmt == "raw" and source != "synthetic" else ""
+    if source == "synthetic":
+        spec = manifest.get("identity", {}).get("synthetic", {})
+        extra += f" --synthetic-seed {spec['seed']}" if spec.get("seed") else ""
+        extra += f" --synthetic-train-per-class {spec['train_per_class']}" if "train_per_class" in spec else ""
+        return f"raytransfer prepare synthetic --out {out} --resolution {resolution}{extra}"
+    if manifest.get("superclass_file"):
+        extra += f" --superclasses {manifest['superclass_file']}"
+    return (f"raytransfer prepare {source} {manifest.get('source_path') or 'SOURCE_DIR'} --out {out} "
+            f"--resolution {resolution}{extra}")
+
+
 def print_job_table(jobs: list[Job], done: dict, out=None):
     out = out or sys.stdout                         # looked up now: redirections (and pytest's capsys) see it
     print(f"{'job':<58} {'status':<7} depends on", file=out)
@@ -192,10 +263,11 @@ def run(grid: dict, args, name: str) -> int:
     if args.scale not in SCALES:
         raise SweepError(f"unknown scale {args.scale!r}; expected one of {', '.join(SCALES)}")
     scale = SCALES[args.scale]
+    recipe = get_recipe(scale.recipe, **({"arch": args.arch} if args.arch else {}))
     if "split_seed" not in grid:                    # the paper's 4 random splits at paper scale, one at demo scale
         from ray import tune
         grid = {**grid, "split_seed": tune.grid_search(list(scale.split_seeds))}
-    grid = apply_overrides(grid, args)
+    grid = apply_overrides(grid, args, recipe.arch)
     out = (args.out or Path("results") / f"{name}-{args.scale}").resolve()
     storage = args.storage or str(out)
     if "://" not in storage:
@@ -207,9 +279,14 @@ def run(grid: dict, args, name: str) -> int:
     store = JobStore(storage)
     store.check_writable()
     # [2] the dataset, the jobs and their keys
-    recipe = get_recipe(scale.recipe)
     dataset = resolve_dataset(args, scale, Path(os.environ.get("RAYTRANSFER_CACHE", "~/.cache/raytransfer")).expanduser())
+    notes = [check_resolution(dataset, recipe)]
+    if not (args.splits or args.split_file):        # the sweep file's own splits: leave out what this data lacks
+        grid, dropped = drop_dissimilar_without_superclasses(grid, dataset)
+        notes.append(dropped)
     jobs, splits = build_jobs(expand_axes(grid), dataset, recipe)
+    for note in filter(None, notes):
+        print(f"[sweep] note: {note}", flush=True)
     done = {k: r for k, r in store.completed().items()}
     if args.dry_run:
         print_job_table(jobs, done)
@@ -217,8 +294,8 @@ def run(grid: dict, args, name: str) -> int:
         print_estimate(jobs, done, recipe, dataset)
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    for sid, split in splits.items():
-        split.save(out / "splits" / f"{sid}.json")
+    for label, split in splits.items():
+        split.save(out / "splits" / f"{label}.json")
     exp_name = f"tune-{grid_digest(jobs)}"
     invocation = sweep_invocation(args, jobs)
     if args.resume:
@@ -298,14 +375,22 @@ def summary_block(jobs, done_before: dict, records: dict, failed: dict, wall_s: 
 
 
 INVOCATION = "raytransfer-invocation.json"
-RESUME_FLAGS = ("scale", "data", "splits", "seeds", "train_seeds", "n", "treatments", "directions", "gpus_per_trial",
+RESUME_FLAGS = ("scale", "arch", "data", "splits", "split_file", "seeds", "train_seeds", "n", "treatments", "directions",
+                "gpus_per_trial",
                 "workers_per_trial", "cpus_per_trial", "host", "max_failures", "checkpoint_minutes", "max_concurrent")
 
 
 def sweep_invocation(args, jobs) -> dict:
     """What a --resume must repeat: the grid (its job keys) and every flag that shapes how it runs."""
-    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in RESUME_FLAGS}
+    flags = {k: _plain(v) for k, v in vars(args).items() if k in RESUME_FLAGS}
     return {"flags": flags, "jobs": sorted(j.key for j in jobs)}
+
+
+def _plain(value):
+    """A flag's value as JSON holds it: paths as strings (also in lists, e.g. --split-file)."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
 
 
 def save_invocation(storage: str, exp_name: str, invocation: dict):
