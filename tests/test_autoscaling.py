@@ -47,8 +47,9 @@ def nodes(cluster) -> dict:
     return {n.node_id: (n.state, n.resources_total) for n in list_nodes(address=cluster.dashboard_url, detail=True)}
 
 
-def submit(client, timeout=120, **job) -> str:
-    """Submit once the head's job agent is up (it answers 'No available agent' for a few seconds)."""
+def submit(client, timeout=400, **job) -> str:
+    """Submit once the head's job agent is up: it answers 'No available agent' for a few seconds, and
+    for minutes on a fresh virtualenv (Ray's first start there compiles its modules)."""
     deadline = time.time() + timeout
     while True:
         try:

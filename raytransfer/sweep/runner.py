@@ -300,8 +300,6 @@ def run(grid: dict, args, name: str) -> int:
     invocation = sweep_invocation(args, jobs)
     if args.resume:
         check_resume(storage, exp_name, invocation)
-    else:
-        save_invocation(storage, exp_name, invocation)
     # [3] Ray, resources, the registry
     from .tuning import fit_sweep
 
@@ -330,7 +328,8 @@ def run(grid: dict, args, name: str) -> int:
     here = os.getcwd()
     os.chdir(out)          # every path is absolute by now; a Ray job's working dir can vanish under the driver
     try:                   # (Ray's local autoscaler: all its nodes share one runtime_resources folder)
-        info = fit_sweep(jobs, done, store, storage, exp_name, args, callbacks) or {}
+        ready = None if args.resume else (lambda: save_invocation(storage, exp_name, invocation))
+        info = fit_sweep(jobs, done, store, storage, exp_name, args, callbacks, on_ready=ready) or {}
     finally:
         try:
             os.chdir(here)

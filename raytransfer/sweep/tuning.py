@@ -348,10 +348,13 @@ def _filesystem_type(path: str) -> str | None:
     return best[1] if best else None
 
 
-def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, args, callbacks=()) -> dict:
+def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, args, callbacks=(),
+              on_ready=None) -> dict:
     """[3] Ray, the trial plan and the registry, [4] one Tuner.fit() (or Tuner.restore with --resume);
-    the registry (and every base copy it holds) is removed when the sweep ends, however it ends."""
+    the registry (and every base copy it holds) is removed when the sweep ends, however it ends.
+    Nothing is written to the storage before every check has passed; then `on_ready()` runs."""
     dashboard = init_ray(args)
+    started = False
     registry = registry_name(f"{exp_name}-{hashlib.sha256(storage.encode()).hexdigest()[:6]}")
     try:
         types = cluster_node_types()
@@ -366,6 +369,9 @@ def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, ar
         at_once = f"up to {plan.concurrency} at once" if plan.concurrency else "as many at once as the autoscaler launches"
         print(f"[sweep] {len(jobs)} jobs, {len(jobs) - len(todo)} done, {len(todo)} to run; host={plan.host}, "
               f"{size} per trial on {where}; {at_once}", flush=True)
+        started = True
+        if on_ready is not None:
+            on_ready()
         store.write_sweep({"experiment": exp_name, "gpus_per_trial": plan.gpus_per_worker * args.workers_per_trial,
                            "jobs": [j.row() for j in jobs]})
         if not todo:
@@ -408,7 +414,8 @@ def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, ar
         return {"plan": plan, "dashboard": dashboard}
     finally:
         try:
-            store.write_heartbeat({"running": [], "ended": True, "dashboard": dashboard})   # for `status`
+            if started:
+                store.write_heartbeat({"running": [], "ended": True, "dashboard": dashboard})   # for `status`
         except OSError:
             pass
         try:
