@@ -30,6 +30,9 @@ def test_several_workers_need_ray_train_and_share_the_slots():
     plan = plan_trials([HEAD, GPU_WORKER], 1, 4, 8.0)
     assert plan.host == "train" and plan.concurrency == 8          # 32 GPUs / 4 workers (CPU: 48/8 = 6 >= 4)
     assert plan_trials([HEAD, GPU_WORKER], 1, 1, 1.0, max_concurrent=3).concurrency == 3
+    with pytest.raises(SweepError) as e:                           # 40 workers: more than 32 GPUs at once
+        plan_trials([HEAD, GPU_WORKER], 1, 40, 1.0)
+    assert "--workers-per-trial 40" in str(e.value) and "holds at most 32" in str(e.value)
     unbounded = NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, -1, launchable=True)
     assert plan_trials([HEAD, unbounded], None, 1, 1.0).concurrency is None
 

@@ -162,6 +162,10 @@ def plan_trials(types: list[NodeType], gpus_per_worker: float | None, workers: i
             slots = None
             break
         slots += per_node * t.count
+    if slots is not None and slots < workers:
+        raise SweepError(f"--workers-per-trial {workers} needs {workers} workers of {gpus_per_worker:g} GPU + "
+                         f"{cpus_per_worker:g} CPU at once, but this cluster holds at most {slots} "
+                         f"({'; '.join(t.offers() for t in types)}): ask for fewer workers, or raise max_workers")
     concurrency = None if slots is None else max(1, slots // workers)
     if max_concurrent:
         concurrency = max_concurrent if concurrency is None else min(concurrency, max_concurrent)
