@@ -28,7 +28,7 @@ from .errors import SweepError
 from .monitor import LiveReport, MLflowJobs
 from .jobs import (DIRECTIONS, SPLIT_FILE, SPLIT_KINDS, TREATMENTS, Dataset, Job, build_jobs, describe_n_range,
                    expand_axes, n_range)
-from .results import write_results
+from .results import _atomic, write_results
 from .store import JobStore, _split_uri
 
 log = logging.getLogger("raytransfer.sweep")
@@ -315,7 +315,7 @@ def run(grid: dict, args, name: str) -> int:
         progress = {"planned": len(jobs), "done": len(table), "failed": sum(k in failed and k not in records
                                                                             for k in (j.key for j in jobs)),
                     "final": final, "updated_at": time.time()}
-        (out / "sweep_progress.json").write_text(json.dumps(progress))
+        _atomic(out / "sweep_progress.json", lambda p: p.write_text(json.dumps(progress)))   # the live report reads it
         report = None
         if not args.no_report and len(table):
             from analysis import build_report

@@ -108,12 +108,7 @@ class JobStore:
         return self._read_json(f"{self.root}/{HEARTBEAT}")
 
     def all_attempts(self) -> dict[str, list]:
-        out = {}
-        sel = pyarrow.fs.FileSelector(f"{self.root}/{ATTEMPTS}", allow_not_found=True)
-        for info in self.fs.get_file_info(sel):
-            if info.path.endswith(".json"):
-                out[os.path.basename(info.path)[:-5]] = self._read_json(info.path) or []
-        return out
+        return self._read_all(ATTEMPTS)
 
     def attempts(self, key: str) -> list:
         return self._read_json(f"{self.root}/{ATTEMPTS}/{key}.json") or []
