@@ -22,12 +22,18 @@ class Recipe:
     fc_width: float | None = None      # fc6/fc7 multiplier; defaults to width
     init: str = "paper"                # 'paper' (Caffe's N(0, 0.01)...) or 'kaiming'
     dropout: float = 0.5               # on fc6/fc7 (paper: 0.5, kept on when those layers are frozen)
-    head: str = "half"                 # 'half': N-way head for a half's N classes; 'paper': 1000-way (unused logits stay)
+    head_outputs: int | None = None    # fc8's outputs: None = one per class of the target (N-way); the paper:
+                                       # 1000 for every task, the unused logits staying in the softmax
+    independent_bases: bool = False    # baseA and baseB from independent inits (the paper); False: one init stream
     # data
     crop: str = "paper"                # 'paper': random crop_size square of the resize_size image + mirror; 'rrc'
     crop_size: int = 227
     resize_size: int = 256             # side of the square image crops are cut from (paper: 256); a dataset
                                        # stored at another side is resized to it on the fly, in the loader
+    normalize: str = "mean_std"        # 'mean_std': (x - channel mean) / channel std; 'mean_image': x - the base
+                                       # dataset's mean image at 0..255 scale, nothing divided (the paper)
+    random_frozen_on: str = "half"     # random_frozen's target: 'half' (vs that half's base) or 'whole' (all
+                                       # classes, vs netbase: the paper)
     # optimiser (paper: SGD momentum 0.9, wd 5e-4, lr 0.01 at batch 256; biases lr x2, no decay)
     batch_size: int = 256              # global, over all workers
     lr: float = 0.01                   # at `batch_size`
@@ -43,7 +49,8 @@ class Recipe:
     milestones: tuple = (100 / 450, 200 / 450, 300 / 450, 400 / 450)   # paper: 100k..400k of 450k
     gamma: float = 0.1
     warmup_fraction: float = 0.0
-    evals_per_epoch: int = 1           # validation passes per epoch (top1_best10 = mean of the 10 best)
+    evals_per_epoch: int = 1           # validation passes per epoch (top1_best10 = mean of the 10 best) ...
+    eval_every_iters: int | None = None  # ... or one every this many iterations (paper: 1000, 450 in all)
     # speed
     bf16: bool = False                 # autocast on CUDA
     channels_last: bool = False
@@ -71,6 +78,15 @@ class Recipe:
         if not 0 < self.crop_size <= self.resize_size:
             raise ValueError(f"recipe {self.name}: crop_size {self.crop_size} must be in 1..resize_size "
                              f"({self.resize_size}): crops are cut from the resize_size square")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"recipe {self.name}: normalize {self.normalize!r}; expected one of {', '.join(NORMALIZE)}")
+        if self.normalize == "mean_image" and self.crop != "paper":
+            raise ValueError(f"recipe {self.name}: normalize 'mean_image' subtracts the mean image under the same "
+                             f"crop as the image, which only the 'paper' crop has (got crop {self.crop!r})")
+        if self.random_frozen_on not in ("half", "whole"):
+            raise ValueError(f"recipe {self.name}: random_frozen_on {self.random_frozen_on!r}; expected half or whole")
+        if self.eval_every_iters is not None and self.eval_every_iters < 1:
+            raise ValueError(f"recipe {self.name}: eval_every_iters must be >= 1 (or None: evals_per_epoch)")
 
     def arch_kwargs(self, resolution: int | None = None) -> dict:
         kw = {"width": self.width, "resolution": resolution or self.crop_size}
@@ -83,10 +99,33 @@ class Recipe:
         d["milestones"] = list(d["milestones"])
         return d
 
+    def identity(self) -> dict:
+        """What a job key hashes: the fields, less the paper-protocol ones left at their default, with
+        the head written as before they existed (`head: half`), so recipes they do not change keep their keys."""
+        d = self.to_dict()
+        for k, default in PROTOCOL_DEFAULTS.items():
+            if d[k] == default:
+                del d[k]
+        if "head_outputs" not in d:
+            d["head"] = "half"
+        return d
+
+
+NORMALIZE = ("mean_std", "mean_image")
+# Fields added for the paper's protocol, at the value every recipe had before them (left out of keys there).
+PROTOCOL_DEFAULTS = {"normalize": "mean_std", "head_outputs": None, "eval_every_iters": None,
+                     "independent_bases": False, "random_frozen_on": "half"}
+# The paper's protocol, item by item (docs/paper_protocol.md): mean image at 0..255, 1000-way fc8, independent
+# bases, a test every 1000 iterations, random frozen layers on all classes against netbase.
+PAPER = dict(normalize="mean_image", head_outputs=1000, independent_bases=True, eval_every_iters=1000,
+             random_frozen_on="whole")
 
 RECIPES = {
     # The paper: 450k iterations at batch 256 (~179 epochs of a 645k-image half), x0.1 every 100k.
-    "paper": Recipe("paper", iterations=450_000),
+    "paper": Recipe("paper", iterations=450_000, **PAPER),
+    # The paper's reduced-volume nets (first k images of each class, all classes): lr 0.0125, x0.1 every 64k of 200k.
+    "paper_reduced": Recipe("paper_reduced", iterations=200_000, lr=0.0125, milestones=(64 / 200, 128 / 200, 192 / 200),
+                            **PAPER),
     # Same net, bf16 + channels_last + torch.compile on CUDA, batch 1024 with linear lr scaling and
     # warm-up, label smoothing, random-resized crops, a cosine schedule over 30 epochs.
     "fast": Recipe("fast", crop="rrc", batch_size=1024, lr=0.04, epochs=30, schedule="cosine",
@@ -116,7 +155,18 @@ def get_recipe(name: str, **overrides) -> Recipe:
     return recipe
 
 
+# The recipe the reduced_k jobs of a sweep use: the paper's reduced solver at paper scale, else the sweep's own.
+REDUCED_RECIPE = {"paper": "paper_reduced"}
+
+
+def reduced_recipe(recipe: Recipe) -> Recipe:
+    name = REDUCED_RECIPE.get(recipe.name)
+    return recipe if name is None else replace(RECIPES[name], arch=recipe.arch)
+
+
 def recipe_from_dict(d: dict) -> Recipe:
     d = dict(d)
     d["milestones"] = tuple(d.get("milestones", ()))
+    if d.pop("head", "half") != "half":          # records written before head_outputs: 'half' was the only N-way
+        raise ValueError("a recipe with head 'paper' predates head_outputs: set head_outputs (e.g. 1000) instead")
     return Recipe(**d)

@@ -14,6 +14,11 @@ Treatments are named from the target's point of view: with target B, AnB copies 
 from baseB (a selffer); with target A ("BnA" in the paper's words) the row says treatment AnB,
 source_half B, target_half A.
 
+Whole-dataset jobs (split_kind "whole", target "all": every class of the dataset): `netbase`, the paper's
+1000-class net; random_frozen where the recipe says `random_frozen_on: whole` (the paper: compared with
+netbase, one job per n and seed whatever the splits); and `reduced_k`, a net on the first k training images
+of every class (k = 0: all of them) with the reduced solver (`reduced_recipe`), one per k in `reduced_k`.
+
     axes = expand_axes({"split": tune.grid_search(["similar"]), "n": tune.grid_search([1, 2]), ...})
     jobs = build_jobs(axes, dataset, recipe)
 """
@@ -25,12 +30,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..models import layer_names
-from ..recipes import Recipe
+from ..recipes import Recipe, reduced_recipe
 from ..splits import (WNID, Split, SplitError, dissimilar_split, half_classes, is_imagenet_1k, similar_split,
                       validate_split)
 
 TREATMENTS = ("AnB", "BnB", "AnB+", "BnB+", "random_frozen", "scratch")
-ALL_TREATMENTS = ("baseA", "baseB") + TREATMENTS
+ALL_TREATMENTS = ("netbase", "baseA", "baseB") + TREATMENTS + ("reduced_k",)
+WHOLE = "whole"                                                      # split label/kind of whole-dataset jobs
+PAPER_REDUCED_K = (1, 2, 5, 10, 25, 50, 100, 250, 500, 750, 1000, 0)  # the paper's reduced-* runs; 0: all images
 SPLIT_KINDS = ("similar", "dissimilar")                              # built in; a manifest is "file:PATH"
 SPLIT_FILE = "file:"
 DIRECTIONS = {"AtoB": ("B",), "BtoA": ("A",), "both": ("B", "A")}   # -> target halves
@@ -62,6 +69,7 @@ class Job:
     split_label: str = ""                     # "similar-s0", "dissimilar", or a split file's name
     split_sha256: str = ""
     layer: str = ""                           # layer n of the arch's table: the last one copied ("" at n = 0)
+    k: int = 0                                # reduced_k: training images per class (0: all)
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -72,7 +80,7 @@ class Job:
         return {"job_key": self.key, "split_kind": self.split_kind, "split_seed": self.split_seed,
                 "split": self.split_label, "split_sha256": self.split_sha256, "seed": self.seed,
                 "treatment": self.treatment, "source_half": self.source_half or "", "target_half": self.target_half,
-                "n": self.n, "layer": self.layer, "base_job_key": self.base_key or ""}
+                "n": self.n, "layer": self.layer, "base_job_key": self.base_key or "", "k": self.k}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,10 +173,14 @@ def split_id(split: Split) -> str:
     return f"file{split.sha256[:6]}"
 
 
-def build_jobs(axes: list[dict], dataset: Dataset, recipe: Recipe) -> tuple[list[Job], dict]:
-    """Jobs for every axis combination, plus the bases they need; bases first, then by split and n.
+def build_jobs(axes: list[dict], dataset: Dataset, recipe: Recipe, reduced_k=()) -> tuple[list[Job], dict]:
+    """Jobs for every axis combination, plus the bases they need (netbase where random_frozen runs on the
+    whole dataset), plus a reduced_k job per k and training seed; bases first, then by split and n.
     Also returns the grid's splits by label."""
     validate_axes(axes, recipe.arch)
+    bad = [k for k in reduced_k if int(k) < 0]
+    if bad:
+        raise ValueError(f"reduced k {bad[0]} is negative; k counts training images per class (0: all of them)")
     if len(dataset.classes) < 2 * MIN_CLASSES_PER_HALF:
         raise ValueError(f"{dataset.data_dir} ({dataset.name}) has {len(dataset.classes)} classes; the sweep splits "
                          f"them into two halves of at least {MIN_CLASSES_PER_HALF} classes each, so it needs at least "
@@ -188,6 +200,11 @@ def build_jobs(axes: list[dict], dataset: Dataset, recipe: Recipe) -> tuple[list
         base = {h: _job(dataset, split, label, seed, recipe, f"base{h}", None, h, 0, None) for h in ("A", "B")}
         for b in base.values():
             jobs.setdefault(b.key, b)
+        if treatment == "random_frozen" and recipe.random_frozen_on == WHOLE:     # the paper: all classes, vs netbase
+            for job in (_job(dataset, None, WHOLE, seed, recipe, "netbase", None, "all", 0, None),
+                        _job(dataset, None, WHOLE, seed, recipe, treatment, None, "all", n, None)):
+                jobs.setdefault(job.key, job)
+            continue
         if treatment in ("random_frozen", "scratch"):
             source_half, base_key = None, None
         else:
@@ -195,6 +212,10 @@ def build_jobs(axes: list[dict], dataset: Dataset, recipe: Recipe) -> tuple[list
             base_key = base[source_half].key
         job = _job(dataset, split, label, seed, recipe, treatment, source_half, target, n, base_key)
         jobs.setdefault(job.key, job)
+    for seed in sorted({int(a.get("seed", 0)) for a in axes}):
+        for k in reduced_k:
+            job = _job(dataset, None, WHOLE, seed, reduced_recipe(recipe), "reduced_k", None, "all", 0, None, k=int(k))
+            jobs.setdefault(job.key, job)
     splits = {}
     for split, label in by_sha.values():
         if label in splits:
@@ -202,20 +223,33 @@ def build_jobs(axes: list[dict], dataset: Dataset, recipe: Recipe) -> tuple[list
                              "name in two folders?): rename one of the files")
         splits[label] = split
     order = {t: i for i, t in enumerate(ALL_TREATMENTS)}
-    ordered = sorted(jobs.values(), key=lambda j: (j.base_key is not None or j.treatment not in ("baseA", "baseB"),
+    ordered = sorted(jobs.values(), key=lambda j: (j.base_key is not None or j.treatment not in ("baseA", "baseB",
+                                                                                                  "netbase"),
                                                    j.split_kind, j.split_label, j.split_seed, j.seed, j.n,
-                                                   order[j.treatment], j.target_half))
+                                                   order[j.treatment], j.k, j.target_half))
     return ordered, splits
 
 
-def _job(dataset, split, label, seed, recipe, treatment, source, target, n, base_key) -> Job:
-    identity = {"dataset": dataset.fingerprint, "split": split.sha256, "seed": seed, "arch": recipe.arch,
-                "recipe": recipe.to_dict(), "treatment": treatment, "n": n, "source": source, "target": target}
+def _job(dataset, split, label, seed, recipe, treatment, source, target, n, base_key, k: int = 0) -> Job:
+    """One job; split None: a whole-dataset job (every class of the dataset, target "all")."""
+    split_sha = split.sha256 if split is not None else WHOLE
+    identity = {"dataset": dataset.fingerprint, "split": split_sha, "seed": seed, "arch": recipe.arch,
+                "recipe": recipe.identity(), "treatment": treatment, "n": n, "source": source, "target": target}
+    if treatment == "reduced_k":
+        identity["k"] = k
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    name = f"{split_id(split)}-{treatment}-{target}" + (f"-n{n}" if n else "") + f"-s{seed}-{recipe.name}"
+    reduced = f"-k{k or 'all'}" if treatment == "reduced_k" else ""
+    name = (f"{split_id(split) if split is not None else WHOLE}-{treatment}-{target}" + (f"-n{n}" if n else "")
+            + reduced + f"-s{seed}-{recipe.name}")
     key = f"{name}-{digest}".replace("+", "p")
+    classes = half_classes(split, target) if split is not None else [c["id"] for c in dataset.classes]
     spec = {"job_key": key, "data_dir": dataset.data_dir, "dataset_fingerprint": dataset.fingerprint,
-            "target_classes": half_classes(split, target), "treatment": treatment, "n": n, "seed": seed,
+            "target_classes": classes, "treatment": treatment, "n": n, "seed": seed,
             "recipe": recipe.to_dict(), "synthetic": dataset.synthetic}
-    return Job(key, treatment, split.kind, split.seed or 0, seed, source, target, n, base_key, spec,
-               split_label=label, split_sha256=split.sha256, layer=layer_names(recipe.arch)[n - 1] if n else "")
+    if recipe.normalize == "mean_image":        # the paper: the mean image of the base's (source) training set
+        spec["mean_classes"] = half_classes(split, source) if source else classes
+    if treatment == "reduced_k":
+        spec["k"] = k
+    return Job(key, treatment, split.kind if split is not None else WHOLE, (split.seed or 0) if split is not None else 0,
+               seed, source, target, n, base_key, spec, split_label=label, split_sha256=split_sha if split else "",
+               layer=layer_names(recipe.arch)[n - 1] if n else "", k=k)
