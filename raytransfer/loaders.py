@@ -6,7 +6,9 @@ of it for the paper) and FFCV's decoder resizes it to the crop size, so a 28 px 
 image is the whole picture scaled down, never a corner of it. Labels are remapped to 0..k-1 in sorted
 class order (the paper's convention) through a lookup table applied after the loader; images are
 normalised with the dataset's channel statistics (on the GPU when there is one, inside FFCV's numba
-stage on the CPU). Under DDP each rank reads its own
+stage on the CPU), or, for the paper (`mean_image`), the whole stored image is decoded and Caffe's
+transform runs in torch: minus the base dataset's mean image at 0..255 scale, then the crop and mirror,
+one position for image and mean alike. Under DDP each rank reads its own
 share of the training samples (FFCV's `distributed=True`) and a disjoint slice of the validation
 samples (no padding, so every image counts once).
 
@@ -16,6 +18,7 @@ samples (no padding, so every image counts once).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -28,7 +31,7 @@ os.environ.setdefault("NUMBA_THREADING_LAYER", "tbb")   # workqueue aborts with 
 import numpy as np
 import torch
 
-from .prepare import CORRUPT_LABEL, DatasetError, label_column, read_manifest, verify_betons
+from .prepare import CORRUPT_LABEL, DatasetError, label_column, mean_image, read_manifest, verify_betons
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +78,13 @@ class HalfLoader:
     - labels are remapped on the device; yielded tensors are FFCV's ring buffers: clone to keep (3.4).
     """
 
-    def __init__(self, loader, ids, lut: np.ndarray, device: torch.device, mean=None, std=None, make=None):
+    def __init__(self, loader, ids, lut: np.ndarray, device: torch.device, mean=None, std=None, make=None,
+                 caffe=None):
         self.loader, self.ids, self.device, self._make = loader, np.asarray(ids), device, make
         self.lut = torch.as_tensor(lut, device=device)
         self.mean = None if mean is None else torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = None if std is None else torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.caffe = caffe                  # CaffeTransform: mean image, crop and mirror in torch (the paper)
         self.num_samples = len(ids)
 
     def _claim(self):
@@ -97,7 +102,9 @@ class HalfLoader:
     def __iter__(self):
         loader = self._claim()
         loader._raytransfer_owner = self
+        epoch = int(getattr(loader, "next_epoch", 0))
         it = iter(loader)
+        gen = None if self.caffe is None else self.caffe.generator(epoch)
         try:
             while True:
                 batch = _next_batch(it)
@@ -105,13 +112,52 @@ class HalfLoader:
                     return
                 images, labels = batch
                 labels = self.lut[labels.to(self.device).view(-1).long()]
-                if self.mean is not None:           # GPU path: uint8 -> float, normalised on the device
+                if self.caffe is not None:
+                    images = self.caffe(images, gen)
+                elif self.mean is not None:         # GPU path: uint8 -> float, normalised on the device
                     images = (images.float() - self.mean) / self.std
                 yield images, labels
         finally:
             loader._raytransfer_owner = None
             it.close()              # stop FFCV's thread and wait for it, so no epoch runs on (3.3)
             it.join(timeout=60)
+
+
+class CaffeTransform:
+    """Caffe's data transform on whole stored images (uint8 NCHW): subtract the mean image, then cut the
+    `window` square (train: a uniform random position and a mirror with probability 1/2; val: the centre,
+    Caffe's (side - window) // 2) and resize it to `size` where the window is not `size` px already. The
+    image and its mean are cut at one position, so the result is crop(image) - crop(mean image)."""
+
+    def __init__(self, mean_image: np.ndarray, size: int, window: int, train: bool, seed: int, device):
+        self.mean = torch.as_tensor(np.ascontiguousarray(mean_image.transpose(2, 0, 1)), device=device)[None]
+        self.size, self.window, self.train, self.seed = size, window, train, seed
+
+    def generator(self, epoch: int) -> torch.Generator | None:
+        """Crop positions of one epoch, reproducible from the trial seed (also after a resume)."""
+        return torch.Generator().manual_seed(self.seed * 100_003 + epoch) if self.train else None
+
+    def positions(self, batch: int, side: int, gen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.train:
+            off = torch.full((batch,), (side - self.window) // 2, dtype=torch.long)
+            return off, off, torch.zeros(batch, dtype=torch.bool)
+        oy = torch.randint(0, side - self.window + 1, (batch,), generator=gen)
+        ox = torch.randint(0, side - self.window + 1, (batch,), generator=gen)
+        return oy, ox, torch.rand(batch, generator=gen) < 0.5
+
+    def __call__(self, images: torch.Tensor, gen=None) -> torch.Tensor:
+        x = images.float() - self.mean
+        b, c, side, _ = x.shape
+        oy, ox, flip = self.positions(b, side, gen)
+        ar = torch.arange(self.window)
+        rows = (oy[:, None] + ar).to(x.device)
+        cols = (ox[:, None] + torch.where(flip[:, None], self.window - 1 - ar, ar)).to(x.device)
+        x = x[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
+              rows[:, None, :, None], cols[:, None, None, :]]
+        if self.window != self.size:
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                                antialias=True)
+        return x.contiguous()
 
 
 def _next_batch(it, poll_s: float = 2.0):
@@ -143,8 +189,11 @@ class HalfLoaders:
 def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batch_size: int,
                        device: torch.device, seed: int, num_workers: int = 1, distributed: bool = False,
                        val_batch_size: int | None = None, expect_fingerprint: str | None = None,
-                       batches_ahead: int = 2) -> HalfLoaders:
-    """Train and val loaders over the half's classes of a prepared dataset folder."""
+                       batches_ahead: int = 2, normalize: str = "mean_std", mean_classes: list[str] | None = None,
+                       per_class: int | None = None) -> HalfLoaders:
+    """Train and val loaders over the half's classes of a prepared dataset folder.
+    normalize 'mean_image': minus the mean training image of `mean_classes` (the base's dataset; default the
+    half's own). per_class: train on the first k training images of each class only (reduced volume)."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     verify_betons(data_dir, manifest)
@@ -164,6 +213,14 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
                            f"(named twice: {twice[:3]}): make the split with `raytransfer split`")
     half_labels = sorted(label_of[c] for c in half_class_ids)
     window = crop_window(stored, crop, data_dir)
+    caffe_mean = None
+    if normalize == "mean_image":
+        unknown = [c for c in (mean_classes or []) if c not in label_of]
+        if unknown:
+            raise DatasetError(f"the mean image's classes include {len(unknown)} that {data_dir} does not have")
+        caffe_mean = mean_image(data_dir, manifest, mean_classes or half_class_ids)
+    elif normalize != "mean_std":
+        raise ValueError(f"unknown normalize {normalize!r}; expected mean_std or mean_image")
     world, rank = 1, 0
     if distributed:
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -173,23 +230,43 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
         labels = label_column(beton)
         ids, lut = half_indices(labels, half_labels)
         ids = ids[labels[ids] != CORRUPT_LABEL]
+        if split == "train" and per_class:
+            ids = first_per_class(ids, labels, per_class)
+            if len(ids) < batch_size:
+                raise DatasetError(f"{per_class} image(s) per class of {len(half_labels)} classes make {len(ids)} "
+                                   f"training images, fewer than one batch of {batch_size}")
         if split == "val" and world > 1:
             ids = ids[rank::world]              # disjoint shards, no sampler padding
         loaders[split] = _ffcv_loader(beton, ids, lut, split == "train", crop, stored, window, manifest,
                                       batch_size if split == "train" else (val_batch_size or batch_size),
-                                      device, seed, num_workers, distributed and split == "train", batches_ahead)
+                                      device, seed, num_workers, distributed and split == "train", batches_ahead,
+                                      caffe_mean)
     return HalfLoaders(loaders["train"], loaders["val"], len(half_labels), [c for c in sorted(half_class_ids)])
 
 
+def first_per_class(ids: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """The first k of `ids` (in dataset order, the paper's files.txt order) of every class."""
+    ids = np.sort(ids)
+    lab = labels[ids]
+    order = np.argsort(lab, kind="stable")
+    ranked = lab[order]
+    rank = np.arange(len(ids)) - np.searchsorted(ranked, ranked, side="left")
+    return np.sort(ids[order[rank < k]])
+
+
 def _ffcv_loader(beton, ids, lut, train, crop, stored, window, manifest, batch_size, device, seed, num_workers,
-                 distributed, batches_ahead) -> HalfLoader:
+                 distributed, batches_ahead, caffe_mean=None) -> HalfLoader:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
     size = crop.size                        # window: the crop's share of the stored side (== size: exact pixels)
-    if train and crop.kind == "paper":      # a random window-sized square (Caffe's crop), resized to `size`
+    if caffe_mean is not None:              # whole images; CaffeTransform crops them after the mean image
+        if crop.kind != "paper":
+            raise ValueError(f"normalize 'mean_image' needs the paper crop, not {crop.kind!r}")
+        decoder = WholeRGBImageDecoder()
+    elif train and crop.kind == "paper":      # a random window-sized square (Caffe's crop), resized to `size`
         decoder = RandomResizedCropRGBImageDecoder((size, size), scale=((window / stored) ** 2,) * 2, ratio=(1.0, 1.0))
     elif train and crop.kind == "rrc":
         decoder = RandomResizedCropRGBImageDecoder((size, size), scale=(crop.rrc_min_scale, 1.0))
@@ -197,10 +274,12 @@ def _ffcv_loader(beton, ids, lut, train, crop, stored, window, manifest, batch_s
         raise ValueError(f"unknown crop {crop.kind!r}; expected one of {', '.join(CROPS)}")
     else:
         decoder = CenterCropRGBImageDecoder((size, size), ratio=(window + 0.5) / stored)   # int(ratio*stored) == window
-    image = [decoder] + ([RandomHorizontalFlip()] if train else [])
+    image = [decoder] + ([RandomHorizontalFlip()] if train and caffe_mean is None else [])
     mean, std = np.array(manifest["mean"]), np.array(manifest["std"])
     on_gpu = device.type == "cuda"
-    if on_gpu:                              # JIT ops, then torch ops only (notes/ffcv.md 3.1)
+    if caffe_mean is not None:
+        image += [ToTensor()] + ([ToDevice(device, non_blocking=True)] if on_gpu else []) + [ToTorchImage()]
+    elif on_gpu:                            # JIT ops, then torch ops only (notes/ffcv.md 3.1)
         image += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
     else:
         image += [NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
@@ -212,12 +291,43 @@ def _ffcv_loader(beton, ids, lut, train, crop, stored, window, manifest, batch_s
                       batches_ahead=batches_ahead, pipelines={"image": image, "label": label})
 
     key = (str(beton), os.path.getmtime(beton), train, crop, stored, batch_size, str(device), seed, num_workers,
-           distributed, batches_ahead, tuple(mean), tuple(std))
+           distributed, batches_ahead, tuple(mean), tuple(std), caffe_mean is not None)
     loader = _LOADERS.get(key)
     if loader is None:
         loader = _LOADERS[key] = make()
     loader.next_epoch = 0
+    if caffe_mean is not None:
+        caffe = CaffeTransform(caffe_mean, size, window, train, seed, device)
+        return HalfLoader(loader, ids, lut, device, make=make, caffe=caffe)
     return HalfLoader(loader, ids, lut, device, mean if on_gpu else None, std if on_gpu else None, make)
+
+
+@functools.cache
+def _whole_image_decoder():
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+
+    class WholeDecoder(SimpleRGBImageDecoder):
+        """FFCV's whole-image decoder, sized by the real images: the 1x1 placeholders of corrupt files
+        (never loaded) would otherwise make the stored size look variable."""
+
+        def declare_state_and_memory(self, previous_state):
+            from dataclasses import replace as _replace
+
+            from ffcv.pipeline.allocation_query import AllocationQuery
+
+            real = (self.metadata["width"] > 1) | (self.metadata["height"] > 1)
+            w, h = self.metadata["width"][real], self.metadata["height"][real]
+            if w.min() != w.max() or h.min() != h.max():
+                raise DatasetError("normalize 'mean_image' needs images of one stored size: prepare with --resolution")
+            shape = (int(h.max()), int(w.max()), 3)
+            return (_replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("<u1")),
+                    AllocationQuery(shape, np.dtype("<u1")))
+
+    return WholeDecoder
+
+
+def WholeRGBImageDecoder():
+    return _whole_image_decoder()()
 
 
 # FFCV JIT-compiles every Loader's pipeline (seconds each). Trials that run in a reused process (Tune's

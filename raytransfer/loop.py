@@ -114,7 +114,8 @@ def best_k_mean(values, k: int = 10) -> float:
 
 def fit(model, recipe: Recipe, loaders, device, state: dict | None = None, report=None,
         copied_layers=(), log_every: int = 0) -> dict:
-    """Train for the recipe's budget, evaluating `evals_per_epoch` times an epoch; resume from `state`."""
+    """Train for the recipe's budget, evaluating `evals_per_epoch` times an epoch or every `eval_every_iters`
+    steps; resume from `state`."""
     net = unwrap(model)
     optimizer = make_optimizer(net, recipe, copied_layers)
     history, start_epoch, step = [], 0, 0
@@ -127,14 +128,13 @@ def fit(model, recipe: Recipe, loaders, device, state: dict | None = None, repor
     epochs = -(-total_steps // steps_per_epoch)
     use_bf16 = recipe.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    evals = [round(steps_per_epoch * (k + 1) / recipe.evals_per_epoch) for k in range(recipe.evals_per_epoch)]
     for epoch in range(start_epoch, epochs):
         set_epoch(loaders.train, epoch)
         metrics = {"epoch": epoch, "epochs": epochs, "train_loss": 0.0, "lr": 0.0}
         seen = secs = 0.0
         batches = iter(loaders.train)
         try:
-            for stop in evals:                         # train up to each evaluation point, then evaluate
+            for stop in eval_stops(recipe, epoch, steps_per_epoch):   # train up to each stop, evaluate there
                 chunk_end = min(total_steps, epoch * steps_per_epoch + stop)
                 if step >= chunk_end:
                     continue
@@ -143,17 +143,37 @@ def fit(model, recipe: Recipe, loaders, device, state: dict | None = None, repor
                 total = seen + m["train_images"]
                 metrics["train_loss"] = (metrics["train_loss"] * seen + m["train_loss"] * m["train_images"]) / max(1, total)
                 seen, secs, metrics["lr"] = total, secs + m["train_s"], m["lr"]
-                history.append({"epoch": epoch, "step": step, **evaluate(model, loaders.val, device, autocast)})
+                if evaluates_at(recipe, step, total_steps):
+                    history.append({"epoch": epoch, "step": step, **evaluate(model, loaders.val, device, autocast)})
         finally:
             batches.close()                            # leaving an epoch early must free FFCV's thread
-        metrics.update(images_per_s=seen / max(secs, 1e-9), val_top1=history[-1]["val_top1"],
-                       val_top5=history[-1]["val_top5"], step=step, train_s=secs)
+        last = history[-1] if history else {"val_top1": float("nan"), "val_top5": float("nan")}
+        metrics.update(images_per_s=seen / max(secs, 1e-9), val_top1=last["val_top1"],
+                       val_top5=last["val_top5"], step=step, train_s=secs)
         if report is not None:
             report(metrics, {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                              "step": step, "history": list(history)})
     top1s = [h["val_top1"] for h in history]
     return {"top1_final": history[-1]["val_top1"], "top5_final": history[-1]["val_top5"],
             "top1_best10": best_k_mean(top1s, 10), "epochs": epochs, "steps": step, "evaluations": len(history)}
+
+
+def eval_stops(recipe: Recipe, epoch: int, steps_per_epoch: int) -> list[int]:
+    """Steps into `epoch` where training pauses: `evals_per_epoch` evenly spaced points, or (eval_every_iters,
+    the paper's test_interval) every global multiple of it in this epoch and the epoch's end."""
+    every = recipe.eval_every_iters
+    if every is None:
+        return [round(steps_per_epoch * (k + 1) / recipe.evals_per_epoch) for k in range(recipe.evals_per_epoch)]
+    start = epoch * steps_per_epoch
+    first = -(-(start + 1) // every) * every
+    return [s - start for s in range(first, start + steps_per_epoch, every)] + [steps_per_epoch]
+
+
+def evaluates_at(recipe: Recipe, step: int, total_steps: int) -> bool:
+    """Is there an evaluation after `step` steps? Every stop per epoch; else multiples of eval_every_iters
+    and the last step (Caffe tests at each multiple of test_interval, 450 of them in 450k iterations)."""
+    every = recipe.eval_every_iters
+    return every is None or step % every == 0 or step == total_steps
 
 
 def set_epoch(loader, epoch: int):

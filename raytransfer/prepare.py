@@ -317,6 +317,12 @@ def prepare(source: str, path: Path | None, out: Path, resolution: int | None = 
     if existing is not None and not force:
         if existing["fingerprint"] == fingerprint:
             verify_betons(out, existing)
+            if settings.resolution and "mean_images" not in existing:     # prepared before mean images existed
+                existing["mean_images"] = _write_mean_images(datasets["train"], out, len(classes),
+                                                             workers or len(os.sched_getaffinity(0)))
+                _atomic_write_json(out / MANIFEST, existing)
+                log.info("%s: added the class mean images (betons unchanged)", out)
+                return existing
             log.info("%s is up to date (fingerprint %s): nothing to do", out, fingerprint[:12])
             return existing
         raise DatasetError(f"{out} already holds betons of another dataset or other settings "
@@ -330,6 +336,7 @@ def prepare(source: str, path: Path | None, out: Path, resolution: int | None = 
     for split, ds in datasets.items():
         stats[split] = _write_beton(ds, out / f"{split}.beton", settings, workers, len(classes))
     mean, std = _channel_stats(datasets["train"])
+    mean_images = _write_mean_images(datasets["train"], out, len(classes), workers) if settings.resolution else None
     manifest = {
         "name": name, "source": source, "classes": classes, "superclass_order": superclass_order,
         "source_path": None if path is None else str(Path(path).resolve()),
@@ -342,6 +349,8 @@ def prepare(source: str, path: Path | None, out: Path, resolution: int | None = 
         "betons": {s: {"file": f"{s}.beton", "bytes": (out / f"{s}.beton").stat().st_size} for s in stats},
         "mean": mean, "std": std, "write_s": round(time.time() - t0, 2),
     }
+    if mean_images:
+        manifest["mean_images"] = mean_images
     for split, st in stats.items():
         empty = [classes[k]["id"] for k, n in enumerate(st["per_class"]) if n == 0]
         if empty:
@@ -483,6 +492,83 @@ def _channel_stats(ds, k: int = 512):
     pix = [ds[i][0].reshape(-1, 3) for i in idx]
     pix = np.concatenate([p for p, i in zip(pix, idx) if p.shape[0] > 1]).astype(np.float64)
     return pix.mean(0).round(3).tolist(), pix.std(0).round(3).tolist()
+
+
+MEAN_IMAGES = "class_mean_images.npy"
+
+
+def _write_mean_images(ds, out: Path, n_classes: int, workers: int) -> dict:
+    """Every class's mean training image (C x H x W x 3 float32, 0..255, the stored side) beside the betons:
+    the paper subtracts the mean image of the base's training set, and a half's is the count-weighted mean
+    of its classes' (`mean_image`). Corrupt images are left out, as every loader leaves them out."""
+    labels = label_column(out / "train.beton")
+    by_class = [np.flatnonzero(labels == c) for c in range(n_classes)]
+    global _MEAN_DS
+    _MEAN_DS = ds
+    try:
+        if workers > 1 and n_classes > 1:
+            with multiprocessing.get_context("fork").Pool(min(workers, n_classes)) as pool:
+                means = pool.map(_class_mean, by_class)
+        else:
+            means = [_class_mean(ids) for ids in by_class]
+    finally:
+        _MEAN_DS = None
+    stacked = np.stack(means).astype(np.float32)
+    np.save(out / MEAN_IMAGES, stacked)
+    return {"file": MEAN_IMAGES, "bytes": (out / MEAN_IMAGES).stat().st_size, "shape": list(stacked.shape),
+            "counts": [int(len(ids)) for ids in by_class]}
+
+
+_MEAN_DS = None        # the dataset the forked mean-image workers read (not pickled)
+
+
+def _class_mean(ids) -> np.ndarray:
+    total = None
+    for i in ids:
+        img = _MEAN_DS[int(i)][0].astype(np.float64)
+        total = img if total is None else total + img
+    if total is None:
+        raise DatasetError("a class has no readable training image")
+    return (total / len(ids)).astype(np.float32)
+
+
+def mean_image(data_dir, manifest: dict, class_ids) -> np.ndarray:
+    """The mean training image (H x W x 3 float32, 0..255) over the classes `class_ids`: the mean of
+    all their training images, from the per-class means written at prepare time."""
+    info = manifest.get("mean_images")
+    if info is None:
+        raise DatasetError(f"{data_dir} has no mean images (prepared before they existed, or without a fixed "
+                           f"--resolution); a recipe with normalize 'mean_image' needs them: rerun "
+                           f"`{reprepare_command(manifest, data_dir)}`, which adds them and leaves the betons as they are")
+    f = Path(data_dir) / info["file"]
+    if not f.is_file() or f.stat().st_size != info["bytes"]:
+        raise DatasetError(f"{f} is missing or differs from the one its manifest describes: rerun "
+                           f"`raytransfer prepare` with --force")
+    index = {c["id"]: c["index"] for c in manifest["classes"]}
+    rows = np.array(sorted(index[c] for c in class_ids))
+    counts = np.asarray(info["counts"], dtype=np.float64)[rows]
+    means = np.load(f, mmap_mode="r")
+    total = np.zeros(means.shape[1:], dtype=np.float64)
+    for r, w in zip(rows, counts):
+        total += w * means[r]
+    return (total / counts.sum()).astype(np.float32)
+
+
+def reprepare_command(manifest: dict, data_dir) -> str:
+    """The `raytransfer prepare` command that prepared `data_dir` (same settings, same --out)."""
+    source = manifest.get("source", "folder")
+    res = manifest["settings"].get("resolution")
+    extra = f" --resolution {res}" if res else ""
+    if manifest["settings"].get("format") == "raw" and source != "synthetic":
+        extra += " --format raw"
+    if source == "synthetic":
+        spec = manifest.get("identity", {}).get("synthetic", {})
+        extra += f" --synthetic-seed {spec['seed']}" if spec.get("seed") else ""
+        extra += f" --synthetic-train-per-class {spec['train_per_class']}" if "train_per_class" in spec else ""
+        return f"raytransfer prepare synthetic --out {data_dir}{extra}"
+    if manifest.get("superclass_file"):
+        extra += f" --superclasses {manifest['superclass_file']}"
+    return f"raytransfer prepare {source} {manifest.get('source_path') or 'SOURCE_DIR'} --out {data_dir}{extra}"
 
 
 def _check_free_space(out: Path, n_images: int, settings: BetonSettings):

@@ -15,7 +15,6 @@ import torch
 
 from .loaders import CropSpec, build_half_loaders
 from .loop import fit, unwrap
-from .prepare import read_manifest
 from .recipes import recipe_from_dict
 from .transfer import as_tensor, build_trial_network, frozen_state, init_seed_for, verify_frozen
 
@@ -23,7 +22,27 @@ log = logging.getLogger(__name__)
 
 # treatment -> transfer mode (the paper's names are values)
 MODE_OF = {"baseA": "scratch", "baseB": "scratch", "scratch": "scratch", "AnB": "frozen", "BnB": "frozen",
-           "AnB+": "finetune", "BnB+": "finetune", "random_frozen": "random_frozen"}
+           "AnB+": "finetune", "BnB+": "finetune", "random_frozen": "random_frozen", "netbase": "scratch",
+           "reduced_k": "scratch"}
+
+
+def init_stream(recipe, treatment: str) -> str:
+    """The init stream of a trial: the two bases share one unless the recipe makes them independent
+    (the paper); scratch and transfers share another (their new layers start alike); netbase and the
+    reduced-volume nets have their own."""
+    if treatment in ("baseA", "baseB"):
+        return treatment if recipe.independent_bases else "base"
+    return treatment if treatment in ("netbase", "reduced_k") else "fresh"
+
+
+def head_size(recipe, target_classes: int) -> int:
+    """fc8's outputs: the recipe's head_outputs (the paper: 1000, unused logits kept), else one per class."""
+    if recipe.head_outputs is None:
+        return target_classes
+    if recipe.head_outputs < target_classes:
+        raise ValueError(f"recipe {recipe.name}: head_outputs {recipe.head_outputs} is fewer than the target's "
+                         f"{target_classes} classes")
+    return recipe.head_outputs
 
 
 def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, report=None,
@@ -34,11 +53,9 @@ def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, 
     recipe = recipe_from_dict(spec["recipe"])
     treatment, n, seed = spec["treatment"], int(spec["n"]), int(spec["seed"])
     mode = MODE_OF[treatment]
-    manifest = read_manifest(spec["data_dir"])
-    num_classes = len(manifest["classes"]) if recipe.head == "paper" else len(spec["target_classes"])
-    stream = "base" if treatment in ("baseA", "baseB") else "fresh"    # scratch and transfers share one init stream
-    net = build_trial_network(recipe.arch, num_classes, base_state, n, mode, init_seed_for(seed, stream),
-                              recipe.arch_kwargs())
+    num_classes = head_size(recipe, len(spec["target_classes"]))
+    net = build_trial_network(recipe.arch, num_classes, base_state, n, mode,
+                              init_seed_for(seed, init_stream(recipe, treatment)), recipe.arch_kwargs())
     reference = None
     if mode == "frozen":                               # the base's own tensors, not the copies in `net`
         reference = {k: as_tensor(base_state[k]) for k in frozen_state(net)}
@@ -54,7 +71,8 @@ def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, 
                                  CropSpec(recipe.crop, recipe.crop_size, recipe.resize_size),
                                  batch_size=recipe.batch_size // (torch.distributed.get_world_size() if distributed else 1),
                                  device=device, seed=seed, num_workers=num_workers, distributed=distributed,
-                                 expect_fingerprint=spec.get("dataset_fingerprint"))
+                                 expect_fingerprint=spec.get("dataset_fingerprint"), normalize=recipe.normalize,
+                                 mean_classes=spec.get("mean_classes"), per_class=spec.get("k") or None)
     copied = [l.name for l in unwrap(net).layer_table()[:n]] if mode == "finetune" else ()
     epoch_log = [] if resume_state is None else list(resume_state.get("epoch_log", []))
 
@@ -71,7 +89,8 @@ def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, 
     summary.update(frozen_check=None if check is None else check["ok"],
                    frozen_mismatched=[] if check is None else list(check["mismatched"]),
                    train_images_per_s=_mean([m["images_per_s"] for m in epoch_log]), epoch_log=epoch_log,
-                   wall_s=time.time() - t0, num_classes=num_classes)
+                   wall_s=time.time() - t0, num_classes=num_classes, train_samples=loaders.train.num_samples,
+                   images_per_class=loaders.train.num_samples / len(spec["target_classes"]))
     summary["state_dict"] = {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()}
     return summary
 

@@ -20,10 +20,13 @@ def print_estimate(jobs, done: dict, recipe, dataset):
         print(f"estimate: none for {recipe.arch}: step speeds were measured for {MEASURED_ARCH} only "
               f"({len(todo)} jobs to run)")
         return
+    from ..recipes import recipe_from_dict
+
     per_class = _train_images_per_class(dataset)
     hours = 0.0
     for j in todo:
-        images = job_images(recipe, per_class * len(j.spec["target_classes"]))
+        own = recipe_from_dict(j.spec["recipe"])          # reduced_k jobs have their own solver
+        images = job_images(own, min(per_class, j.k or per_class) * len(j.spec["target_classes"]))
         frozen = j.n if j.treatment in ("AnB", "BnB", "random_frozen") else 0
         hours += images / H100_BASE_IMG_PER_S * relative_cost(frozen) / 3600
     print(f"estimate: {hours:.1f} GPU-hours for the {len(todo)} jobs to run at {H100_BASE_IMG_PER_S:,} img/s "

@@ -4,7 +4,8 @@
 jobs). A failed job (e.g. its frozen layers changed) is a row with status "failed" and its reason,
 never "done": the analysis reads only done rows. The analysis package reads only these files.
 `split` is the split's label ("similar-s0", "dissimilar", or a --split-file's name), `layer` the
-name of layer n in the arch's table, the last one copied (the report's axis labels).
+name of layer n in the arch's table, the last one copied (the report's axis labels); `k` the images per
+class of a reduced_k job (0: all) and `images_per_class` the training images per class a job had.
 
     table = write_results(out_dir, jobs, store.completed())
 """
@@ -16,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 COLUMNS = ["job_key", "dataset", "split_kind", "split_seed", "split", "split_sha256", "seed", "treatment",
-           "source_half", "target_half", "n", "layer", "arch", "recipe", "top1_final", "top1_best10", "top5_final",
-           "epochs", "train_images_per_s", "wall_s", "frozen_check", "base_job_key", "status", "reason", "host",
+           "source_half", "target_half", "n", "k", "layer", "arch", "recipe", "top1_final", "top1_best10", "top5_final",
+           "epochs", "images_per_class", "train_images_per_s", "wall_s", "frozen_check", "base_job_key", "status", "reason", "host",
            "node_id", "gpus_held", "device", "attempts", "base_weights_via", "checkpoint_bytes", "started_at",
            "finished_at"]
 CURVE_COLUMNS = ["job_key", "epoch", "train_loss", "val_top1", "val_top5", "lr", "images_per_s"]
@@ -29,7 +30,7 @@ def result_row(job, record: dict | None, status: str = "done") -> dict:
     row.update(arch=recipe["arch"], recipe=recipe["name"], status="to run")
     if record:
         m = record.get("metrics") or {}
-        row.update({k: m.get(k) for k in ("top1_final", "top1_best10", "top5_final", "epochs",
+        row.update({k: m.get(k) for k in ("top1_final", "top1_best10", "top5_final", "epochs", "images_per_class",
                                           "train_images_per_s", "wall_s", "frozen_check", "checkpoint_bytes",
                                           "device")})
         row.update({k: record.get(k) for k in ("dataset", "host", "node_id", "gpus_held", "attempts",

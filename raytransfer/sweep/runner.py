@@ -26,8 +26,8 @@ from ..recipes import Recipe, get_recipe
 from ..synthetic import SyntheticSpec
 from .errors import SweepError
 from .monitor import LiveReport, MLflowJobs
-from .jobs import (DIRECTIONS, SPLIT_FILE, SPLIT_KINDS, TREATMENTS, Dataset, Job, build_jobs, describe_n_range,
-                   expand_axes, n_range)
+from .jobs import (DIRECTIONS, PAPER_REDUCED_K, SPLIT_FILE, SPLIT_KINDS, TREATMENTS, Dataset, Job, build_jobs,
+                   describe_n_range, expand_axes, n_range)
 from .results import _atomic, write_results
 from .store import JobStore, _split_uri
 
@@ -39,13 +39,14 @@ class Scale:
     recipe: str
     synthetic: SyntheticSpec | None        # the built-in dataset at this scale (None: needs --data)
     split_seeds: tuple = (0,)
+    reduced_k: tuple = ()                  # reduced-volume jobs (images per class, 0: all) the grid gets by default
 
 
 SCALES = {
     "smoke": Scale("smoke", SyntheticSpec(superclasses_per_family=2, classes_per_superclass=3, train_per_class=60,
                                           val_per_class=20)),
     "demo": Scale("demo", SyntheticSpec(classes_per_superclass=3, train_per_class=160)),
-    "paper": Scale("paper", None, (0, 1, 2, 3)),
+    "paper": Scale("paper", None, (0, 1, 2, 3), PAPER_REDUCED_K),
     "fast": Scale("fast", None, (0, 1, 2, 3)),
 }
 
@@ -62,6 +63,10 @@ def add_sweep_args(p: argparse.ArgumentParser):
     g.add_argument("--n", help="layers copied, e.g. 1-7 or 1,3,5 (default: all, 1 .. layers - 1 of --arch)")
     g.add_argument("--treatments", help=f"comma list of {', '.join(TREATMENTS)}")
     g.add_argument("--directions", choices=sorted(DIRECTIONS), help="AtoB: target B; BtoA: target A; both")
+    g.add_argument("--reduced-k", metavar="K,...",
+                   help="reduced-volume nets on all classes, the first k training images of each (0: all), with "
+                        "the reduced solver at paper scale, e.g. 1,2,5,10; 'none' for none (default: the paper's "
+                        "1,2,5,10,25,50,100,250,500,750,1000,0 at --scale paper, none elsewhere)")
     p.add_argument("--scale", default="demo", help=f"one of {', '.join(SCALES)} (recipe and built-in data size)")
     p.add_argument("--arch", choices=ARCHITECTURES, default=None,
                    help="the network of every job: caffenet (the paper's, default) or resnet18 (torchvision's, "
@@ -146,6 +151,18 @@ def apply_overrides(grid: dict, args, arch: str = "caffenet") -> dict:
     if args.directions:
         grid["target"] = tune.grid_search(list(DIRECTIONS[args.directions]))
     return grid
+
+
+def reduced_k_of(args, scale: Scale) -> tuple:
+    """The grid's reduced-volume k: --reduced-k, else the scale's (the paper's twelve at paper scale)."""
+    if args.reduced_k is None:
+        return scale.reduced_k
+    if args.reduced_k.strip() == "none":
+        return ()
+    ks = _ints(args.reduced_k, "reduced-k")
+    if any(k < 0 for k in ks):
+        raise SweepError(f"--reduced-k {args.reduced_k}: k counts training images per class (0: all of them)")
+    return tuple(dict.fromkeys(ks))
 
 
 def resolve_dataset(args, scale: Scale, cache: Path) -> Dataset:
@@ -284,7 +301,7 @@ def run(grid: dict, args, name: str) -> int:
     if not (args.splits or args.split_file):        # the sweep file's own splits: leave out what this data lacks
         grid, dropped = drop_dissimilar_without_superclasses(grid, dataset)
         notes.append(dropped)
-    jobs, splits = build_jobs(expand_axes(grid), dataset, recipe)
+    jobs, splits = build_jobs(expand_axes(grid), dataset, recipe, reduced_k_of(args, scale))
     for note in filter(None, notes):
         print(f"[sweep] note: {note}", flush=True)
     done = {k: r for k, r in store.completed().items()}
@@ -375,6 +392,7 @@ def summary_block(jobs, done_before: dict, records: dict, failed: dict, wall_s: 
 
 INVOCATION = "raytransfer-invocation.json"
 RESUME_FLAGS = ("scale", "arch", "data", "splits", "split_file", "seeds", "train_seeds", "n", "treatments", "directions",
+                "reduced_k",
                 "gpus_per_trial",
                 "workers_per_trial", "cpus_per_trial", "host", "max_failures", "checkpoint_minutes", "max_concurrent")
 
