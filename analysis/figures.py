@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis.results import BASE_TREATMENTS, METRIC, layer_ticks, similar_rows, split_label
+from analysis.results import BASE_TREATMENTS, METRIC, REDUCED, layer_ticks, similar_rows, split_label
 from analysis.stats import LAYER_RANGES, layer_effects, table1, table1_counts
 
 STYLE = {  # treatment: colour, marker, x offset (the paper's Fig. 2 layout)
@@ -287,4 +287,32 @@ def fig_curves(curves: pd.DataFrame, rows: pd.DataFrame) -> go.Figure:
         legend=dict(orientation="h", y=-0.18),
         updatemenus=[dict(type="dropdown", buttons=buttons, active=0, x=0, xanchor="left", y=1.0,
                           yanchor="bottom", pad=dict(b=6))] if buttons else [])
+    return fig
+
+
+def fig_reduced(rows: pd.DataFrame, paper_curve: pd.DataFrame | None = None) -> go.Figure:
+    """Figure 6: top-1 of the reduced-volume nets (all classes, the first k training images of each)
+    against images per class on a log axis, beside the paper's own curve (its reduced-* runs)."""
+    fig = go.Figure()
+    reduced = rows[rows["treatment"] == REDUCED]
+    if not reduced.empty:
+        x = reduced["images_per_class"].where(reduced["images_per_class"].notna(), reduced["k"])
+        reduced = reduced.assign(x=x.astype(float))
+        fig.add_trace(go.Scatter(x=reduced["x"], y=reduced[METRIC], mode="markers", name="this table", meta="sweep",
+                                 marker=dict(color="#1f3fbf", size=10), customdata=_customdata(reduced),
+                                 hovertemplate="<b>%{customdata[0]}</b><br>%{customdata[1]}<br>"
+                                               "%{x:.0f} images per class<extra></extra>"))
+        means = reduced.groupby("x")[METRIC].agg(["mean", "size"])
+        fig.add_trace(_mean_line(list(means.index), list(means["mean"]), list(means["size"]), "this table",
+                                 "#1f3fbf", "sweep-reduced"))
+    if paper_curve is not None and len(paper_curve):
+        fig.add_trace(go.Scatter(x=paper_curve["images_per_class"], y=paper_curve["top1_best10"], mode="lines+markers",
+                                 name="paper (reduced-k, 1000 classes)", meta="paper",
+                                 line=dict(color="#000000", dash="dot"), marker=dict(symbol="circle-open", size=8),
+                                 hovertemplate="paper, %{x} images per class: %{y:.4f}<extra></extra>"))
+    if reduced.empty:
+        fig.add_annotation(text="no reduced_k rows yet", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+    fig.update_layout(title="Figure 6: top-1 against training images per class (all classes, reduced solver)",
+                      xaxis=dict(title="training images per class", type="log"),
+                      yaxis=dict(title=f"top-1 ({METRIC})", rangemode="tozero"), template="plotly_white")
     return fig

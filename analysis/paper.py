@@ -125,6 +125,15 @@ def paper_rows(data: dict | None = None) -> pd.DataFrame:
     return normalise_rows(pd.DataFrame(rows))
 
 
+def paper_reduced_curve(data: dict | None = None) -> pd.DataFrame:
+    """The paper's reduced-volume nets (1000 classes, first k images per class; 1300: all): one row per k,
+    images_per_class and top-1 (best-10 mean, and at the last of 200k iterations)."""
+    data = data or load_paper_results()
+    best, final = data["reduced_1000class_examples_per_class"], data["final_iter_values"]["reduced"]
+    return pd.DataFrame([{"images_per_class": int(k), "top1_best10": v, "top1_final": final.get(k, math.nan)}
+                         for k, v in sorted(best.items(), key=lambda kv: int(kv[0]))])
+
+
 def paper_curves(rows: pd.DataFrame, path: Path = DATA_DIR / "paper_curves.json") -> pd.DataFrame:
     """The logged top-1 of each network (iteration 1k and every 10k) in the curves.csv shape."""
     curves = json.loads(Path(path).read_text())["curves"]

@@ -22,13 +22,14 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from analysis import figures
-from analysis.results import (BASE_TREATMENTS, METRIC, SETTING_COLUMNS, SPLIT_KINDS, TREATMENTS, load_curves,
-                              load_rows, settings, split_label, with_base)
+from analysis.results import (BASE_TREATMENTS, METRIC, REDUCED, SETTING_COLUMNS, SPLIT_KINDS, TREATMENTS,
+                              load_curves, load_rows, settings, split_label, with_base)
 from analysis.stats import science_check, table1
 
 log = logging.getLogger(__name__)
 
 FIGURE_FILES = ("fig1_similar", "fig2_dissimilar", "fig3_table1", "fig4_layer_effects", "fig5_curves")
+REDUCED_FIGURE = "fig6_reduced"  # only where the table has reduced_k rows
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 
 # Clicking a network in figures 1/2 (customdata[0] = job key) shows its curves in figure 5 by
@@ -139,10 +140,16 @@ def pick_setting(rows: pd.DataFrame, dataset=None, arch=None, recipe=None) -> tu
 
 
 def build_figures(rows: pd.DataFrame, curves: pd.DataFrame, paper: pd.DataFrame | None) -> dict[str, go.Figure]:
-    """All five figures, keyed by their file names."""
-    return dict(zip(FIGURE_FILES, (
+    """All five figures, keyed by their file names; figure 6 (reduced volume) too where the rows have
+    reduced_k networks."""
+    figs = dict(zip(FIGURE_FILES, (
         figures.fig_similar(rows, paper), figures.fig_dissimilar(rows, paper),
         figures.fig_table1(rows, paper), figures.fig_layer_effects(rows), figures.fig_curves(curves, rows))))
+    if (rows["treatment"] == REDUCED).any():
+        from analysis.paper import paper_reduced_curve
+
+        figs[REDUCED_FIGURE] = figures.fig_reduced(rows, paper_reduced_curve() if paper is not None else None)
+    return figs
 
 
 def build_report_from_rows(rows: pd.DataFrame, curves: pd.DataFrame, out_dir: Path, source: str,
@@ -204,7 +211,7 @@ def export_static(figs: dict[str, go.Figure], out_dir: Path) -> str:
 def missing_notes(rows: pd.DataFrame, curves: pd.DataFrame) -> list[str]:
     """What the rows do not yet allow: networks without their base, absent treatments, no curves."""
     notes = []
-    transfers = rows[~rows["treatment"].isin(BASE_TREATMENTS) & (rows["treatment"] != "scratch")]
+    transfers = rows[~rows["treatment"].isin(BASE_TREATMENTS + ("scratch", REDUCED))]
     orphans = transfers[transfers["base_value"].isna()]
     if len(orphans):
         notes.append(f"{len(orphans)} networks have no base of their target half in the table (left out of "
@@ -283,9 +290,11 @@ best validation evaluations) · built {html.escape(created)}</p>
 </div>
 {_div(figs["fig3_table1"], "fig3_table1")}
 {_div(figs["fig4_layer_effects"], "fig4_layer_effects")}
+{_div(figs[REDUCED_FIGURE], REDUCED_FIGURE) if REDUCED_FIGURE in figs else ""}
 <section class="notes"><h2>What the rows allow</h2>{coverage_html(rows)}<ul>{note_items}</ul>
 <p>Methods. "Its base": the base network trained on the row's target half with the same split and
-training seed; random_frozen is compared with the base of its own target half. Table 1 pooled: mean of
+training seed; random_frozen is compared with the base of its own target half (netbase, the net on all
+classes, where it ran on the whole dataset as in the paper). Table 1 pooled: mean of
 all AnB+ networks with n in the range minus the mean of all base networks (resp. all BnB+ networks in the
 range), as the paper did; paired: each network minus its own base, averaged over the networks in the
 range. Figure 4: paired differences; 95% interval = estimate ± t(G − 1) × bootstrap standard error

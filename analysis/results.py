@@ -17,14 +17,15 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 METRIC = "top1_best10"  # the paper's metric: mean of the 10 best validation evaluations
-BASE_TREATMENTS = ("baseA", "baseB", "base")  # "base": a net on the whole label set (paper's netbase)
+BASE_TREATMENTS = ("baseA", "baseB", "base", "netbase")  # base/netbase: a net on the whole label set (paper's netbase)
 TRANSFER_TREATMENTS = ("BnB", "BnB+", "AnB", "AnB+", "random_frozen", "scratch")
-TREATMENTS = BASE_TREATMENTS + TRANSFER_TREATMENTS
+REDUCED = "reduced_k"  # all classes, the first k training images of each (reduced solver): its own figure
+TREATMENTS = BASE_TREATMENTS + TRANSFER_TREATMENTS + (REDUCED,)
 SPLIT_KINDS = ("similar", "dissimilar", "file", "whole")  # file: the user's own halves; whole: all classes
 REQUIRED_COLUMNS = ("job_key", "split_kind", "split_seed", "seed", "treatment", "target_half", "n", METRIC)
 TEXT_COLUMNS = ("job_key", "dataset", "split_kind", "split", "treatment", "source_half", "target_half",
                 "layer", "arch", "recipe", "base_job_key", "status")
-NUMBER_COLUMNS = ("top1_final", "top5_final", "epochs", "train_images_per_s", "wall_s")
+NUMBER_COLUMNS = ("top1_final", "top5_final", "epochs", "train_images_per_s", "wall_s", "k", "images_per_class")
 SETTING_COLUMNS = ("dataset", "arch", "recipe")  # a base is only compared within one setting
 CURVE_COLUMNS = ("job_key", "epoch", "train_loss", "val_top1", "val_top5", "lr", "images_per_s")
 
@@ -136,7 +137,7 @@ def with_base(rows: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"two base rows share split, seed and target half: "
                          f"{sorted(bases.loc[twice, 'job_key'])[:4]}; keep one base per half and seed")
     base_values = bases.set_index("_key")[METRIC]
-    rows["base_value"] = keys.map(base_values)
+    rows["base_value"] = keys.map(base_values).where(rows["treatment"] != REDUCED)   # its own solver: no base
     rows["rel"] = rows[METRIC] - rows["base_value"]
     return rows
 

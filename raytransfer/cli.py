@@ -1,9 +1,10 @@
-"""The `raytransfer` command: prepare | split | layers | report | status (the sweep is `sweeps/full_paper.py`).
+"""The `raytransfer` command: prepare | split | layers | recipes | report | status (the sweep is `sweeps/full_paper.py`).
 
     raytransfer prepare synthetic --out data/synthetic
     raytransfer prepare imagenet /data/ILSVRC2012 --out /mnt/betons/imagenet --resolution 256
     raytransfer split imagenet-1k --kind similar --seed 0 --out split.json
     raytransfer layers caffenet
+    raytransfer recipes [--json]                  # every recipe's fields (the paper's protocol: docs/paper_protocol.md)
     raytransfer report RESULTS_DIR
     raytransfer status STORAGE [--json]          # a running (or dead) sweep, from its job store: no Ray
 """
@@ -71,6 +72,37 @@ def run_layers(args) -> int:
     return 0
 
 
+def add_recipes_args(p: argparse.ArgumentParser):
+    p.add_argument("--json", action="store_true", help="one JSON object: recipe name -> every field")
+
+
+def run_recipes(args) -> int:
+    """Every recipe's choices, so a run's protocol is visible before it is paid for."""
+    import json
+
+    from .recipes import REDUCED_RECIPE, RECIPES
+
+    if args.json:
+        print(json.dumps({name: r.to_dict() for name, r in RECIPES.items()}, indent=1))
+        return 0
+    fields = list(next(iter(RECIPES.values())).to_dict())[1:]
+    names = list(RECIPES)
+    width = max(map(len, fields))
+    cols = {n: max([len(n)] + [len(_show(v)) for v in RECIPES[n].to_dict().values()]) for n in names}
+    print((f"{'':<{width}}  " + "  ".join(f"{n:<{cols[n]}}" for n in names)).rstrip())
+    for f in fields:
+        print(f"{f:<{width}}  " + "  ".join(f"{_show(RECIPES[n].to_dict()[f]):<{cols[n]}}" for n in names).rstrip())
+    print("reduced_k jobs use: " + ", ".join(f"{a} -> {b}" for a, b in REDUCED_RECIPE.items())
+          + " (other recipes: their own)")
+    return 0
+
+
+def _show(v) -> str:
+    if isinstance(v, list):
+        return ",".join(f"{x:.3g}" for x in v)
+    return "-" if v is None else str(v)
+
+
 def add_report_args(p: argparse.ArgumentParser):
     p.add_argument("results_dir", type=Path, help="an experiment folder holding results.csv")
     p.add_argument("--out", type=Path, default=None, help="where to write the report (default: the results folder)")
@@ -93,6 +125,7 @@ def main(argv=None) -> int:
         "prepare": (add_prepare_args, run_prepare, "write a dataset's betons and manifest"),
         "split": (splits.add_split_arguments, splits.run_split, "make a class split manifest"),
         "layers": (add_layers_args, run_layers, "print an architecture's table of transferable layers"),
+        "recipes": (add_recipes_args, run_recipes, "print every training recipe's fields (--json: as JSON)"),
         "report": (add_report_args, run_report, "(re)build the interactive report of a results folder"),
         "status": (add_status_args, run_status, "where a sweep stands, from its --storage alone (no Ray needed)"),
     }

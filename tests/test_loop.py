@@ -102,11 +102,11 @@ def test_transfer_trials_record_the_frozen_check(dataset, base_run, treatment, n
     assert all(same_as_base) if treatment == "BnB" else not any(same_as_base)
 
 
-def test_paper_head_is_as_wide_as_the_dataset(dataset):
-    """head=paper: a 1000-way head on ImageNet; here one output per class of the 4-class dataset."""
+def test_head_outputs_sets_the_head_width(dataset):
+    """head_outputs: the paper's 1000-way head whatever the task; here 6 outputs for a 2-class half."""
     half = dataset[1][:2]
-    summary = run_trial(trial_spec(dataset, recipe=get_recipe("smoke", epochs=1, head="paper"), classes=half), CPU)
-    assert summary["num_classes"] == 4 and summary["state_dict"]["fc8.weight"].shape[0] == 4
+    summary = run_trial(trial_spec(dataset, recipe=get_recipe("smoke", epochs=1, head_outputs=6), classes=half), CPU)
+    assert summary["num_classes"] == 6 and summary["state_dict"]["fc8.weight"].shape[0] == 6
 
 
 def test_weights_uri_round_trip(tmp_path, base_run):
