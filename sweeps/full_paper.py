@@ -3,13 +3,14 @@ features of each layer, for similar and dissimilar halves of a dataset's classes
 
 Paper figures 2-3: per n = 1..7 (layers conv1..fc7 copied; ResNet-18: stem..layer4.1, n = 1..9), the
 selffers BnB/BnB+ and the transfers AnB/AnB+ against the bases, plus random frozen layers and scratch
-nets as controls.
+nets as controls. At paper scale random frozen layers train on all classes against a whole-dataset
+netbase, and the reduced-volume nets (first k images per class, --reduced-k) come with the grid.
 Expect: BnB dips at n = 3..5 (co-adaptation), AnB falls with n (specificity; faster on the
 dissimilar split), AnB+ beats the base (fine-tuning boost), random frozen layers fail from n = 3.
 
 Cost: the embedded default (synthetic data, demo scale, 76 jobs) takes minutes on a laptop;
 `--scale paper` with the paper's four random splits and the dissimilar one in both directions is
-~370 networks, ~360 H100-hours (see `--dry-run`).
+320 networks (12 of them reduced-volume), ~330 H100-hours (see `--dry-run`).
 
     python sweeps/full_paper.py --dry-run                     # the job table and an estimate
     python sweeps/full_paper.py                               # demo: synthetic data, both splits

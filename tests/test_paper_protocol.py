@@ -101,6 +101,16 @@ def test_recipes_json_prints_every_recipes_protocol(capsys):
     assert main(["recipes"]) == 0 and "normalize" in capsys.readouterr().out
 
 
+def test_the_solvers_step_at_the_papers_iterations():
+    paper, reduced = get_recipe("paper"), get_recipe("paper_reduced")
+    at = {i: paper.lr_at(i, paper.iterations) for i in (0, 99_999, 100_000, 200_000, 300_000, 399_999, 400_000)}
+    assert at == pytest.approx({0: 0.01, 99_999: 0.01, 100_000: 1e-3, 200_000: 1e-4, 300_000: 1e-5, 399_999: 1e-5,
+                                400_000: 1e-6})
+    at = {i: reduced.lr_at(i, reduced.iterations) for i in (0, 63_999, 64_000, 128_000, 192_000, 199_999)}
+    assert at == pytest.approx({0: 0.0125, 63_999: 0.0125, 64_000: 0.00125, 128_000: 0.000125, 192_000: 1.25e-5,
+                                199_999: 1.25e-5})
+
+
 # Keys computed on main before the paper-protocol fields existed: recipes they do not change keep them.
 PINNED = {
     "fast": ['similar0-AnB-B-n1-s0-fast-4d95e7450a', 'similar0-AnB-B-n3-s0-fast-25036c0ce1',
@@ -355,3 +365,37 @@ def test_dry_run_reduced_k_flag_and_demo_defaults(capsys, tmp_path, monkeypatch)
     assert not any(k.startswith("whole") for k in table)                  # smoke/demo: random_frozen on halves
     table = dry_run(capsys, base + ["--reduced-k", "1,3"])
     assert sorted(k.split("-")[3] for k in table if k.startswith("whole-reduced_k")) == ["k1", "k3"]
+
+
+def test_report_draws_reduced_volume_beside_the_papers_curve_and_random_frozen_against_netbase(tmp_path):
+    import pandas as pd
+
+    from analysis.report import build_report
+
+    def row(key, treatment, n=0, value=0.5, k=0, per_class=None, kind="whole", target="all"):
+        return {"job_key": key, "dataset": "toy", "split_kind": kind, "split": kind if kind == "whole" else "similar-s0",
+                "split_seed": 0, "seed": 0, "treatment": treatment, "source_half": "", "target_half": target, "n": n,
+                "arch": "caffenet", "recipe": "paper", "top1_final": value, "top1_best10": value, "epochs": 3,
+                "k": k, "images_per_class": per_class, "status": "done"}
+
+    rows = [row("nb", "netbase", value=0.60), row("rf1", "random_frozen", n=1, value=0.50),
+            row("bB", "baseB", value=0.7, kind="similar", target="B")]
+    rows += [row(f"r{k}", "reduced_k", value=v, k=k, per_class=k or 12) for k, v in ((1, 0.01), (5, 0.2), (0, 0.6))]
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    page = build_report(tmp_path).read_text()
+    assert 'id="fig6_reduced"' in page and (tmp_path / "fig6_reduced.html").is_file()
+    from analysis.results import load_rows, with_base
+
+    ranked = with_base(load_rows(tmp_path)).set_index("job_key")
+    assert ranked.loc["rf1", "rel"] == pytest.approx(-0.10)               # random_frozen vs netbase
+    assert np.isnan(ranked.loc["r5", "base_value"])                      # reduced_k: its own figure, no base
+
+    from analysis import figures
+    from analysis.paper import paper_reduced_curve
+
+    fig = figures.fig_reduced(ranked.reset_index(), paper_reduced_curve())
+    assert fig.layout.xaxis.type == "log"
+    sweep, _, paper = fig.data
+    assert sorted(sweep.x) == [1, 5, 12]                                # k = 0 (all) at its images per class
+    assert list(paper.x) == [1, 2, 5, 10, 25, 50, 100, 250, 500, 750, 1000, 1300]
+    assert paper.y[-1] == pytest.approx(0.551762)
