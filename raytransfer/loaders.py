@@ -240,7 +240,7 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
         loaders[split] = _ffcv_loader(beton, ids, lut, split == "train", crop, stored, window, manifest,
                                       batch_size if split == "train" else (val_batch_size or batch_size),
                                       device, seed, num_workers, distributed and split == "train", batches_ahead,
-                                      caffe_mean)
+                                      caffe_mean, crop_seed=seed * 1009 + rank)     # each rank its own crops
     return HalfLoaders(loaders["train"], loaders["val"], len(half_labels), [c for c in sorted(half_class_ids)])
 
 
@@ -255,7 +255,7 @@ def first_per_class(ids: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 
 def _ffcv_loader(beton, ids, lut, train, crop, stored, window, manifest, batch_size, device, seed, num_workers,
-                 distributed, batches_ahead, caffe_mean=None) -> HalfLoader:
+                 distributed, batches_ahead, caffe_mean=None, crop_seed: int = 0) -> HalfLoader:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -297,7 +297,7 @@ def _ffcv_loader(beton, ids, lut, train, crop, stored, window, manifest, batch_s
         loader = _LOADERS[key] = make()
     loader.next_epoch = 0
     if caffe_mean is not None:
-        caffe = CaffeTransform(caffe_mean, size, window, train, seed, device)
+        caffe = CaffeTransform(caffe_mean, size, window, train, crop_seed, device)
         return HalfLoader(loader, ids, lut, device, make=make, caffe=caffe)
     return HalfLoader(loader, ids, lut, device, mean if on_gpu else None, std if on_gpu else None, make)
 

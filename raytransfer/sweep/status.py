@@ -90,7 +90,7 @@ def sweep_status(storage: str, now: float | None = None) -> dict:
 
 
 def _kind(treatment: str) -> str:
-    if treatment in ("baseA", "baseB", "scratch") or treatment.endswith("+"):
+    if treatment in ("baseA", "baseB", "scratch", "netbase", "reduced_k") or treatment.endswith("+"):
         return "whole net trained"
     return "frozen prefix"
 
