@@ -123,6 +123,11 @@ PINNED = {
              'similar0-baseA-A-s0-demo-1ae7ffdbf4', 'similar0-baseB-B-s0-demo-3939fc5af4',
              'similar0-random_frozen-B-n1-s0-demo-adaea0c8b4', 'similar0-random_frozen-B-n3-s0-demo-b480280e32',
              'similar0-scratch-B-s0-demo-a1c9ce8f97'],
+    "smoke": ['similar0-AnB-B-n1-s0-smoke-6f54a8349d', 'similar0-AnB-B-n3-s0-smoke-85b3864e93',
+              'similar0-BnBp-B-n1-s0-smoke-a4b40910c7', 'similar0-BnBp-B-n3-s0-smoke-6b72f478ab',
+              'similar0-baseA-A-s0-smoke-ad576a0eb8', 'similar0-baseB-B-s0-smoke-05791a6830',
+              'similar0-random_frozen-B-n1-s0-smoke-975079f958', 'similar0-random_frozen-B-n3-s0-smoke-59c6325370',
+              'similar0-scratch-B-s0-smoke-f4df2db641'],
 }
 
 
@@ -209,6 +214,22 @@ def test_paper_loader_yields_the_crop_minus_the_same_crop_of_the_mean_image(xy):
         for out in batch.numpy():
             assert _find(out, {c: images["val"][c] for c in half}, mean, CROP)[2:] == (off, off, False)
     assert batch.abs().max() > 20                        # 0..255 scale, nothing divided by a std
+
+
+def test_paper_loader_on_jpeg_betons_subtracts_the_mean_from_decoded_pixels(tmp_path):
+    """ImageNet is stored as JPEG: the whole-image decoder there too; out + crop(mean) is the decoded uint8 crop."""
+    spec = SyntheticSpec(superclasses_per_family=2, classes_per_superclass=1, train_per_class=4, val_per_class=2)
+    m = prepare("synthetic", None, tmp_path, resolution=None, format="jpg", synthetic=spec, workers=1)
+    classes = [c["id"] for c in m["classes"]]
+    loaders = build_half_loaders(tmp_path, classes, CropSpec("paper", 28, 32), batch_size=4, device=CPU, seed=0,
+                                 normalize="mean_image")
+    mean = torch.as_tensor(mean_image(tmp_path, m, classes)).permute(2, 0, 1)[None, :, 2:30, 2:30]
+    for images, _ in loaders.val:                        # centre: offset (32 - 28) // 2 = 2
+        pixels = images + mean
+        assert images.shape[1:] == (3, 28, 28) and torch.allclose(pixels, pixels.round(), atol=1e-3)
+        assert pixels.min() >= -1e-3 and pixels.max() <= 255 + 1e-3
+    images, _ = next(iter(loaders.train))
+    assert images.shape == (4, 3, 28, 28) and torch.isfinite(images).all()
 
 
 def test_a_transfer_subtracts_its_base_datasets_mean_image(tiny):
