@@ -251,5 +251,5 @@ def _job(dataset, split, label, seed, recipe, treatment, source, target, n, base
     if treatment == "reduced_k":
         spec["k"] = k
     return Job(key, treatment, split.kind if split is not None else WHOLE, (split.seed or 0) if split is not None else 0,
-               seed, source, target, n, base_key, spec, split_label=label, split_sha256=split_sha if split else "",
+               seed, source, target, n, base_key, spec, split_label=label, split_sha256=split_sha if split is not None else "",
                layer=layer_names(recipe.arch)[n - 1] if n else "", k=k)
