@@ -100,11 +100,12 @@ class Recipe:
         return d
 
     def identity(self) -> dict:
-        """What a job key hashes: the fields, less the paper-protocol ones left at their default, with
-        the head written as before they existed (`head: half`), so recipes they do not change keep their keys."""
+        """What a job key hashes: the fields, less those added later and left at their old behaviour
+        (KEY_NEUTRAL_DEFAULTS), with the head written as before (`head: half`): recipes they do not change
+        keep their keys."""
         d = self.to_dict()
-        for k, default in PROTOCOL_DEFAULTS.items():
-            if d[k] == default:
+        for k, default in KEY_NEUTRAL_DEFAULTS.items():
+            if k in d and d[k] == default:
                 del d[k]
         if "head_outputs" not in d:
             d["head"] = "half"
@@ -112,8 +113,9 @@ class Recipe:
 
 
 NORMALIZE = ("mean_std", "mean_image")
-# Fields added for the paper's protocol, at the value every recipe had before them (left out of keys there).
-PROTOCOL_DEFAULTS = {"normalize": "mean_std", "head_outputs": None, "eval_every_iters": None,
+# Fields added after job keys existed, at the value that reproduces the behaviour every recipe had before
+# them: left out of a key there, so only recipes that set them get new keys. A field added later joins here.
+KEY_NEUTRAL_DEFAULTS = {"normalize": "mean_std", "head_outputs": None, "eval_every_iters": None,
                      "independent_bases": False, "random_frozen_on": "half"}
 # The paper's protocol, item by item (docs/paper_protocol.md): mean image at 0..255, 1000-way fc8, independent
 # bases, a test every 1000 iterations, random frozen layers on all classes against netbase.
