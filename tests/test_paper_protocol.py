@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import runpy
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
