@@ -1,4 +1,4 @@
-"""The `raytransfer` command: prepare | split | layers | recipes | report | status (the sweep is `sweeps/full_paper.py`).
+"""The `raytransfer` command: prepare | split | layers | recipes | report | status (sweep: `sweeps/full_paper.py`).
 
     raytransfer prepare synthetic --out data/synthetic
     raytransfer prepare imagenet /data/ILSVRC2012 --out /mnt/betons/imagenet --resolution 256

@@ -152,8 +152,8 @@ class CaffeTransform:
         ar = torch.arange(self.window)
         rows = (oy[:, None] + ar).to(x.device)
         cols = (ox[:, None] + torch.where(flip[:, None], self.window - 1 - ar, ar)).to(x.device)
-        x = x[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
-              rows[:, None, :, None], cols[:, None, None, :]]
+        batch, channel = torch.arange(b, device=x.device), torch.arange(c, device=x.device)
+        x = x[batch[:, None, None, None], channel[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
         if self.window != self.size:
             x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
                                                 antialias=True)

@@ -539,7 +539,7 @@ def mean_image(data_dir, manifest: dict, class_ids) -> np.ndarray:
     if info is None:
         raise DatasetError(f"{data_dir} has no mean images (prepared before they existed, or without a fixed "
                            f"--resolution); a recipe with normalize 'mean_image' needs them: rerun "
-                           f"`{reprepare_command(manifest, data_dir)}`, which adds them and leaves the betons as they are")
+                           f"`{reprepare_command(manifest, data_dir)}`, which adds them and leaves the betons be")
     f = Path(data_dir) / info["file"]
     if not f.is_file() or f.stat().st_size != info["bytes"]:
         raise DatasetError(f"{f} is missing or differs from the one its manifest describes: rerun "

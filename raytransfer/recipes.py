@@ -79,7 +79,7 @@ class Recipe:
             raise ValueError(f"recipe {self.name}: crop_size {self.crop_size} must be in 1..resize_size "
                              f"({self.resize_size}): crops are cut from the resize_size square")
         if self.normalize not in NORMALIZE:
-            raise ValueError(f"recipe {self.name}: normalize {self.normalize!r}; expected one of {', '.join(NORMALIZE)}")
+            raise ValueError(f"recipe {self.name}: normalize {self.normalize!r}; expected {' or '.join(NORMALIZE)}")
         if self.normalize == "mean_image" and self.crop != "paper":
             raise ValueError(f"recipe {self.name}: normalize 'mean_image' subtracts the mean image under the same "
                              f"crop as the image, which only the 'paper' crop has (got crop {self.crop!r})")

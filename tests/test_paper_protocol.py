@@ -294,7 +294,8 @@ def test_the_two_bases_start_apart_and_each_is_reproducible_from_its_seed():
     kw = tiny_paper().arch_kwargs()
 
     def first_weights(treatment, seed):
-        net = build_trial_network("caffenet", 1000, None, 0, "scratch", init_seed_for(seed, init_stream(paper, treatment)), kw)
+        init_seed = init_seed_for(seed, init_stream(paper, treatment))
+        net = build_trial_network("caffenet", 1000, None, 0, "scratch", init_seed, kw)
         return net.state_dict()["conv1.weight"]
 
     assert not torch.equal(first_weights("baseA", 0), first_weights("baseB", 0))
@@ -368,8 +369,10 @@ def test_dry_run_at_paper_scale_has_netbase_random_frozen_on_the_whole_dataset_a
     frozen = sorted(k for k in table if k.startswith("whole-random_frozen-all-"))
     reduced = sorted(k for k in table if k.startswith("whole-reduced_k-all-"))
     assert len(netbase) == 1 and table[netbase[0]] == "-"                  # no dependency
-    assert [k.split("-")[3] for k in frozen] == ["n1", "n2"] and all(table[k] == "-" for k in frozen)   # once, not per split
-    assert {k.split("-")[3] for k in reduced} == {f"k{k}" for k in (1, 2, 5, 10, 25, 50, 100, 250, 500, 750, 1000)} | {"kall"}
+    assert [k.split("-")[3] for k in frozen] == ["n1", "n2"]            # once per n, not per split
+    assert all(table[k] == "-" for k in frozen)
+    paper_k = (1, 2, 5, 10, 25, 50, 100, 250, 500, 750, 1000)
+    assert {k.split("-")[3] for k in reduced} == {f"k{k}" for k in paper_k} | {"kall"}
     assert all("-paper_reduced-" in k and table[k] == "-" for k in reduced)
     anb = [k for k in table if "-AnB-" in k]
     assert len(anb) == 4 and all(table[k].startswith(k.split("-")[0] + "-baseA-A-") for k in anb)
@@ -378,7 +381,8 @@ def test_dry_run_at_paper_scale_has_netbase_random_frozen_on_the_whole_dataset_a
 
 def test_dry_run_reduced_k_flag_and_demo_defaults(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("RAYTRANSFER_CACHE", str(tmp_path / "cache"))
-    base = ["--scale", "smoke", "--splits", "similar", "--treatments", "random_frozen", "--n", "1", "--out", str(tmp_path)]
+    base = ["--scale", "smoke", "--splits", "similar", "--treatments", "random_frozen", "--n", "1",
+            "--out", str(tmp_path)]
     table = dry_run(capsys, base)
     assert not any(k.startswith("whole") for k in table)                  # smoke/demo: random_frozen on halves
     table = dry_run(capsys, base + ["--reduced-k", "1,3"])
@@ -391,7 +395,8 @@ def test_report_draws_reduced_volume_beside_the_papers_curve_and_random_frozen_a
     from analysis.report import build_report
 
     def row(key, treatment, n=0, value=0.5, k=0, per_class=None, kind="whole", target="all"):
-        return {"job_key": key, "dataset": "toy", "split_kind": kind, "split": kind if kind == "whole" else "similar-s0",
+        split = kind if kind == "whole" else "similar-s0"
+        return {"job_key": key, "dataset": "toy", "split_kind": kind, "split": split,
                 "split_seed": 0, "seed": 0, "treatment": treatment, "source_half": "", "target_half": target, "n": n,
                 "arch": "caffenet", "recipe": "paper", "top1_final": value, "top1_best10": value, "epochs": 3,
                 "k": k, "images_per_class": per_class, "status": "done"}

@@ -250,6 +250,6 @@ def _job(dataset, split, label, seed, recipe, treatment, source, target, n, base
         spec["mean_classes"] = half_classes(split, source) if source else classes
     if treatment == "reduced_k":
         spec["k"] = k
-    return Job(key, treatment, split.kind if split is not None else WHOLE, (split.seed or 0) if split is not None else 0,
-               seed, source, target, n, base_key, spec, split_label=label, split_sha256=split_sha if split is not None else "",
-               layer=layer_names(recipe.arch)[n - 1] if n else "", k=k)
+    kind, split_seed = (WHOLE, 0) if split is None else (split.kind, split.seed or 0)
+    return Job(key, treatment, kind, split_seed, seed, source, target, n, base_key, spec, split_label=label,
+               split_sha256="" if split is None else split_sha, layer=layer_names(recipe.arch)[n - 1] if n else "", k=k)

@@ -18,9 +18,9 @@ import pandas as pd
 
 COLUMNS = ["job_key", "dataset", "split_kind", "split_seed", "split", "split_sha256", "seed", "treatment",
            "source_half", "target_half", "n", "k", "layer", "arch", "recipe", "top1_final", "top1_best10", "top5_final",
-           "epochs", "images_per_class", "train_images_per_s", "wall_s", "frozen_check", "base_job_key", "status", "reason", "host",
-           "node_id", "gpus_held", "device", "attempts", "base_weights_via", "checkpoint_bytes", "started_at",
-           "finished_at"]
+           "epochs", "images_per_class", "train_images_per_s", "wall_s", "frozen_check", "base_job_key", "status",
+           "reason", "host", "node_id", "gpus_held", "device", "attempts", "base_weights_via", "checkpoint_bytes",
+           "started_at", "finished_at"]
 CURVE_COLUMNS = ["job_key", "epoch", "train_loss", "val_top1", "val_top5", "lr", "images_per_s"]
 
 
