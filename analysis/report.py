@@ -22,9 +22,11 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from analysis import figures
+from analysis.findings import convergence_summary, science_check
 from analysis.results import (BASE_TREATMENTS, METRIC, REDUCED, SETTING_COLUMNS, SPLIT_KINDS, TREATMENTS,
                               load_curves, load_rows, settings, split_label, with_base)
-from analysis.stats import science_check, table1
+from analysis.stats import table1
+from raytransfer.convergence import PLATEAU_RULE
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +176,15 @@ def build_report_from_rows(rows: pd.DataFrame, curves: pd.DataFrame, out_dir: Pa
     figs = build_figures(rows, curves, paper)
     results_table1 = table1(rows)
     check = science_check(rows)
+    convergence = convergence_summary(rows, PLATEAU_RULE)
     atomic_write(out_dir / "table1.json", lambda p: p.write_text(json.dumps(results_table1, indent=2) + "\n"))
-    atomic_write(out_dir / "science_check.json", lambda p: p.write_text(json.dumps(check, indent=2) + "\n"))
+    atomic_write(out_dir / "science_check.json",
+                 lambda p: p.write_text(json.dumps({**check, "convergence": convergence}, indent=2) + "\n"))
     for name, fig in figs.items():
         atomic_write(out_dir / f"{name}.html", lambda p: fig.write_html(p, include_plotlyjs=True, config=PLOT_CONFIG))
     notes += missing_notes(rows, curves) + [export_static(figs, out_dir)]
 
-    page = render_page(figs, check, rows, notes, source, progress)
+    page = render_page(figs, check, rows, notes, source, progress, convergence)
     path = out_dir / "report.html"
     atomic_write(path, lambda p: p.write_text(page, encoding="utf-8"))   # a reader never sees half a page
     log.info("wrote %s (%d networks)", path, len(rows))
@@ -249,12 +253,40 @@ def _answer_class(answer: str) -> str:
     return {"yes": "answer-yes", "no": "answer-no"}.get(answer, "answer-not")
 
 
-def science_html(check: dict) -> str:
+def science_html(check: dict, convergence: dict | None = None) -> str:
     items = "".join(
-        f'<li>{html.escape(part["question"])} <span class="{_answer_class(part["answer"])}">'
-        f'{html.escape(part["answer"])}</span><br>{html.escape(part["text"])}</li>' for part in check.values())
-    return (f'<section class="science" id="science-check"><b>Science check</b> (from this table\'s own rows; '
-            f"each network relative to the base of its target half)<ul>{items}</ul></section>")
+        f'<li id="finding-{name}">{html.escape(part["question"])} <span class="{_answer_class(part["answer"])}">'
+        f'{html.escape(part["answer"])}</span><br>{html.escape(part["text"])}</li>' for name, part in check.items())
+    return (f'<section class="science" id="science-check"><b>The paper\'s findings</b> (from this table\'s own '
+            f"rows; each network relative to the base of its target half; 95 % t intervals over independent "
+            f"units of split × training seed)<ul>{items}</ul>{convergence_html(convergence)}</section>")
+
+
+def convergence_html(convergence: dict | None) -> str:
+    """The convergence rule, which bases stopped short (their comparisons are left out), and what a second
+    full schedule from a base's own weights (BnB+ at the deepest n) gave."""
+    if not convergence:
+        return ""
+    short = convergence["bases_not_converged"]
+    if convergence["bases_with_rule"] == 0:
+        state = "this table does not record convergence (a sweep of an older version): the findings assume it."
+    elif short:
+        state = (f'<span class="answer-no">{len(short)} of {convergence["bases_with_rule"]} bases did not converge'
+                 f"</span> ({html.escape(', '.join(short[:4]))}{' …' if len(short) > 4 else ''}): every comparison "
+                 "against them is not meaningful and is left out of the findings. Train longer: raise the recipe's "
+                 "epochs (--set epochs=...) or let each net train until its plateau (--until-plateau).")
+    else:
+        state = f'all {convergence["bases_with_rule"]} bases converged.'
+    gain = convergence.get("second_schedule_gain")
+    second = ""
+    if gain:
+        bounds = "" if gain["interval"] is None else (f", 95 % interval {100 * gain['interval'][0]:+.1f} to "
+                                                      f"{100 * gain['interval'][1]:+.1f}")
+        second = (f" A second full schedule from a base's own weights (BnB+ at n = {gain['n']}) gained "
+                  f"{100 * gain['estimate']:+.1f} points{bounds} ({gain['networks']} networks): near zero when "
+                  "the bases had converged.")
+    return (f'<p id="convergence">Convergence rule: {html.escape(convergence["rule"])}. {state}'
+            f"{html.escape(second)}</p>")
 
 
 def _div(fig: go.Figure, name: str, post_script: str | None = None) -> str:
@@ -263,7 +295,7 @@ def _div(fig: go.Figure, name: str, post_script: str | None = None) -> str:
 
 
 def render_page(figs: dict[str, go.Figure], check: dict, rows: pd.DataFrame, notes: list[str], source: str,
-                progress: str | None = None) -> str:
+                progress: str | None = None, convergence: dict | None = None) -> str:
     """The whole report as one HTML string, plotly.js inlined once."""
     created = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     note_items = "".join(f"<li>{html.escape(note)}</li>" for note in notes if note)
@@ -281,7 +313,7 @@ def render_page(figs: dict[str, go.Figure], check: dict, rows: pd.DataFrame, not
 best validation evaluations) · built {html.escape(created)}</p>
 {f'<p class="meta" id="sweep-progress"><b>{html.escape(progress)}</b></p>' if progress else ""}
 <pre id="report-errors" hidden></pre>
-{science_html(check)}
+{science_html(check, convergence)}
 <div class="grid">
   <div>{_div(figs["fig1_similar"], "fig1_similar", CLICK_SCRIPT)}
        {_div(figs["fig2_dissimilar"], "fig2_dissimilar", CLICK_SCRIPT)}</div>

@@ -25,7 +25,8 @@ SPLIT_KINDS = ("similar", "dissimilar", "file", "whole")  # file: the user's own
 REQUIRED_COLUMNS = ("job_key", "split_kind", "split_seed", "seed", "treatment", "target_half", "n", METRIC)
 TEXT_COLUMNS = ("job_key", "dataset", "split_kind", "split", "treatment", "source_half", "target_half",
                 "layer", "arch", "recipe", "base_job_key", "status")
-NUMBER_COLUMNS = ("top1_final", "top5_final", "epochs", "train_images_per_s", "wall_s", "k", "images_per_class")
+NUMBER_COLUMNS = ("top1_final", "top5_final", "plateau_rise", "epochs", "train_images_per_s", "wall_s", "k",
+                  "images_per_class")
 SETTING_COLUMNS = ("dataset", "arch", "recipe")  # a base is only compared within one setting
 CURVE_COLUMNS = ("job_key", "epoch", "train_loss", "val_top1", "val_top5", "lr", "images_per_s")
 
@@ -62,6 +63,10 @@ def normalise_rows(table: pd.DataFrame) -> pd.DataFrame:
         rows["frozen_check"] = ""
     rows["frozen_check"] = rows["frozen_check"].astype(object).where(rows["frozen_check"].notna(), "")
     rows["frozen_check"] = rows["frozen_check"].astype(str).str.lower()
+    # converged: True / False by the sweep's plateau rule, None where the table does not say (older sweeps)
+    truth = {"true": True, "false": False, "1": True, "0": False, "1.0": True, "0.0": False}
+    converged = rows["converged"] if "converged" in rows.columns else pd.Series(None, index=rows.index, dtype=object)
+    rows["converged"] = [truth.get(str(v).lower()) if v is not None and v == v else None for v in converged]
     # dissimilar splits have no seed: the contract allows 0 or empty there
     rows["split_seed"] = pd.to_numeric(rows["split_seed"], errors="coerce").fillna(0).astype(int)
     rows["seed"] = pd.to_numeric(rows["seed"], errors="coerce").fillna(0).astype(int)
@@ -139,6 +144,9 @@ def with_base(rows: pd.DataFrame) -> pd.DataFrame:
     base_values = bases.set_index("_key")[METRIC]
     rows["base_value"] = keys.map(base_values).where(rows["treatment"] != REDUCED)   # its own solver: no base
     rows["rel"] = rows[METRIC] - rows["base_value"]
+    if "converged" in rows.columns:                    # None: the base is missing or did not record it
+        converged = bases.set_index("_key")["converged"]
+        rows["base_converged"] = [converged.get(k) for k in keys]
     return rows
 
 

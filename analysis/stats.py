@@ -1,8 +1,8 @@
-"""The numbers behind the report: Table 1, per-layer effects with bootstrap intervals, the science check.
+"""The numbers behind the report's figures: Table 1 and per-layer effects with bootstrap intervals.
 
 Every function takes the rows of `results.with_base(...)` (one row per network, `rel` = the network
 minus the base trained on its own target half) and returns plain data. Usage:
-`table1(rows)`, `layer_effects(rows)`, `science_check(rows)`.
+`table1(rows)`, `layer_effects(rows)`. The paper's four findings: analysis/findings.py.
 """
 
 from __future__ import annotations
@@ -140,80 +140,3 @@ def t_quantile(probability: float, df: int) -> float:
     from scipy import stats
 
     return float(stats.t.ppf(probability, df))
-
-
-def _points(value: float) -> str:
-    return f"{100 * value:+.1f} points"
-
-
-FEW_NETWORKS = 3
-
-
-def science_check(rows: pd.DataFrame) -> dict:
-    """Two findings of the paper, checked on the table's own rows (never on the paper's numbers).
-
-    specificity: does AnB on the dissimilar split fall further below its base at n = 7 than on the
-    similar split? random_vs_transfer: are random frozen layers (n ≥ 3) worse than transferred ones,
-    each relative to its own base, at every n and split where both exist?
-    Each answer is "yes", "no" or "not enough rows", with the numbers it rests on."""
-    return {"specificity": _check_specificity(rows), "random_vs_transfer": _check_random(rows)}
-
-
-def _check_specificity(rows: pd.DataFrame) -> dict:
-    anb7 = rows[(rows["treatment"] == "AnB") & (rows["n"] == 7) & rows["rel"].notna()]
-    similar = anb7.loc[anb7["split_kind"] == "similar", "rel"]
-    dissimilar = anb7.loc[anb7["split_kind"] == "dissimilar", "rel"]
-    result = {"question": "Does AnB on the dissimilar split fall further below its base at n = 7 "
-                          "than on the similar split?",
-              "similar_AnB7_minus_base": _mean(similar), "similar_networks": int(len(similar)),
-              "dissimilar_AnB7_minus_base": _mean(dissimilar), "dissimilar_networks": int(len(dissimilar))}
-    if len(similar) == 0 or len(dissimilar) == 0:
-        lacking = [kind for kind, values in (("similar", similar), ("dissimilar", dissimilar)) if len(values) == 0]
-        result["answer"] = "not enough rows"
-        result["text"] = (f"not enough rows: no AnB network at n = 7 with its base on the "
-                          f"{' and '.join(lacking)} split.")
-        return result
-    result["answer"] = "yes" if dissimilar.mean() < similar.mean() else "no"
-    result["text"] = (f"{result['answer']}: AnB at n = 7 relative to its base is "
-                      f"{_points(dissimilar.mean())} on the dissimilar split ({len(dissimilar)} networks) "
-                      f"and {_points(similar.mean())} on the similar split ({len(similar)} networks).")
-    if min(len(similar), len(dissimilar)) < FEW_NETWORKS:     # one seed: a few points either way is run-to-run noise
-        result["caution"] = (f"fewer than {FEW_NETWORKS} networks per split: an effect of a few points can flip "
-                             "between reruns of the same grid; add training seeds (--train-seeds 0,1,2) "
-                             "for the paired intervals of Table 1 and figure 4.")
-        result["text"] += " Caution: " + result["caution"]
-    return result
-
-
-def _check_random(rows: pd.DataFrame) -> dict:
-    usable = rows[(rows["n"] >= 3) & rows["rel"].notna()]
-    random_frozen = usable[usable["treatment"] == "random_frozen"]
-    transfers = usable[usable["treatment"] == "AnB"]
-    comparisons = []
-    for n in sorted(random_frozen["n"].unique()):
-        random_rel = random_frozen.loc[random_frozen["n"] == n, "rel"]
-        for kind in sorted(transfers.loc[transfers["n"] == n, "split_kind"].unique()):
-            transfer_rel = transfers.loc[(transfers["n"] == n) & (transfers["split_kind"] == kind), "rel"]
-            comparisons.append({"n": int(n), "split_kind": kind,
-                                "random_frozen_minus_base": float(random_rel.mean()),
-                                "random_frozen_networks": int(len(random_rel)),
-                                "AnB_minus_base": float(transfer_rel.mean()),
-                                "AnB_networks": int(len(transfer_rel)),
-                                "random_below": bool(random_rel.mean() < transfer_rel.mean())})
-    result = {"question": "Is random_frozen at n ≥ 3 below AnB (each relative to its own base)?",
-              "comparisons": comparisons}
-    if not comparisons:
-        lacking = [name for name, frame in (("random_frozen", random_frozen), ("AnB", transfers)) if frame.empty]
-        result["answer"] = "not enough rows"
-        result["text"] = ("not enough rows: no n ≥ 3 with both random_frozen and AnB networks and their bases"
-                          + (f" (none of {', '.join(lacking)})." if lacking else "."))
-        return result
-    below = [c for c in comparisons if c["random_below"]]
-    result["answer"] = "yes" if len(below) == len(comparisons) else "no"
-    detail = "; ".join(
-        f"n = {n}: random {_points(group[0]['random_frozen_minus_base'])} vs AnB "
-        + ", ".join(f"{_points(c['AnB_minus_base'])} ({c['split_kind']})" for c in group)
-        for n, group in ((n, [c for c in comparisons if c["n"] == n]) for n in sorted({c["n"] for c in comparisons})))
-    result["text"] = (f"{result['answer']}: random frozen layers are below transferred ones in "
-                      f"{len(below)} of {len(comparisons)} comparisons ({detail}).")
-    return result

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .convergence import PLATEAU_POINTS, plateau_rise
 from .models import TransferableNet
 from .recipes import Recipe
 
@@ -154,8 +155,10 @@ def fit(model, recipe: Recipe, loaders, device, state: dict | None = None, repor
             report(metrics, {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                              "step": step, "history": list(history)})
     top1s = [h["val_top1"] for h in history]
+    rise = plateau_rise(history, total_steps)
     return {"top1_final": history[-1]["val_top1"], "top5_final": history[-1]["val_top5"],
-            "top1_best10": best_k_mean(top1s, 10), "epochs": epochs, "steps": step, "evaluations": len(history)}
+            "top1_best10": best_k_mean(top1s, 10), "epochs": epochs, "steps": step, "evaluations": len(history),
+            "plateau_rise": rise, "converged": bool(rise < PLATEAU_POINTS) if rise == rise else None}
 
 
 def eval_stops(recipe: Recipe, epoch: int, steps_per_epoch: int) -> list[int]:

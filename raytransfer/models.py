@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import torchvision
 
 ARCHITECTURES = ("caffenet", "resnet18")
+NORMS = ("lrn", "batch")          # CaffeNet's normalisation: the paper's LRN, or batch norm (CPU demo recipes)
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,11 @@ class CaffeNet(TransferableNet):
     LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
     def __init__(self, num_classes: int, width: float = 1.0, resolution: int = 227,
-                 fc_width: float | None = None, init: str = "paper", dropout: float = 0.5):
+                 fc_width: float | None = None, init: str = "paper", dropout: float = 0.5, norm: str = "lrn"):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
+        self.norm = norm
         c = [max(2, 2 * round(w * width / 2)) for w in (96, 256, 384, 384, 256)]
         fc = max(8, round(4096 * (fc_width if fc_width is not None else width)))
         (k1, s1, p1), pool = _geometry(resolution)
@@ -127,18 +131,30 @@ class CaffeNet(TransferableNet):
         self.fc8 = nn.Linear(fc, num_classes)
         self.drop6, self.drop7 = nn.Dropout(dropout), nn.Dropout(dropout)   # paper: 0.5
         init_caffenet(self, init)
+        if norm == "batch":            # one batch norm per layer but fc8, owned by that layer (frozen with it)
+            for name in self.LAYERS[:-1]:
+                features = getattr(self, name).weight.shape[0]
+                self.add_module(f"{name}_bn", (nn.BatchNorm2d if name.startswith("conv") else nn.BatchNorm1d)(features))
+            self.norm1 = self.norm2 = nn.Identity()
 
     def layer_specs(self):
+        if self.norm == "batch":
+            return [(name, (name, f"{name}_bn")) for name in self.LAYERS[:-1]] + [("fc8", ("fc8",))]
         return [(name, (name,)) for name in self.LAYERS]
 
+    def _layer(self, name, x):
+        """conv or fc, then its batch norm where the net has one, then ReLU."""
+        x = getattr(self, name)(x)
+        return F.relu(getattr(self, f"{name}_bn")(x) if self.norm == "batch" else x)
+
     def forward(self, x):
-        x = self.norm1(self.pool(F.relu(self.conv1(x))))     # paper: pool before LRN
-        x = self.norm2(self.pool(F.relu(self.conv2(x))))
-        x = F.relu(self.conv3(x))
-        x = F.relu(self.conv4(x))
-        x = self.pool(F.relu(self.conv5(x))).flatten(1)
-        x = self.drop6(F.relu(self.fc6(x)))                    # dropout stays on even when fc6 is frozen
-        x = self.drop7(F.relu(self.fc7(x)))
+        x = self.norm1(self.pool(self._layer("conv1", x)))     # paper: pool before LRN
+        x = self.norm2(self.pool(self._layer("conv2", x)))
+        x = self._layer("conv3", x)
+        x = self._layer("conv4", x)
+        x = self.pool(self._layer("conv5", x)).flatten(1)
+        x = self.drop6(self._layer("fc6", x))                    # dropout stays on even when fc6 is frozen
+        x = self.drop7(self._layer("fc7", x))
         return self.fc8(x)
 
 
@@ -215,11 +231,12 @@ def layer_names(arch: str) -> tuple[str, ...]:
 
 
 def build_model(arch: str, num_classes: int, width: float = 1.0, resolution: int | None = None,
-                fc_width: float | None = None, init: str | None = None, dropout: float = 0.5) -> TransferableNet:
+                fc_width: float | None = None, init: str | None = None, dropout: float = 0.5,
+                norm: str = "lrn") -> TransferableNet:
     """The one constructor used by transfer surgery, the loop and the CLI."""
     if arch == "caffenet":
         return CaffeNet(num_classes, width=width, resolution=resolution or 227, fc_width=fc_width,
-                        init=init or "paper", dropout=dropout)
+                        init=init or "paper", dropout=dropout, norm=norm)
     if arch == "resnet18":
         return ResNet18(num_classes, width=width, resolution=resolution or 224)
     raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")

@@ -50,8 +50,8 @@ def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, 
               num_workers: int = 1) -> dict:
     """Train the trial's network on its target half; returns metrics and the final weights."""
     t0 = time.time()
-    recipe = recipe_from_dict(spec["recipe"])
     treatment, n, seed = spec["treatment"], int(spec["n"]), int(spec["seed"])
+    recipe = recipe_from_dict(spec["recipe"]).for_treatment(treatment)
     mode = MODE_OF[treatment]
     num_classes = head_size(recipe, len(spec["target_classes"]))
     net = build_trial_network(recipe.arch, num_classes, base_state, n, mode,

@@ -34,9 +34,9 @@ GRID = {
                                    "scratch"]),                        # control: nothing copied (n ignored)
     "n": "all",                                               # layers copied: 1 .. layers-1 of the arch
                                                               # (CaffeNet: conv1 .. fc7); --n 1,3,5 for some
-    "seed": tune.grid_search([0]),                            # training seed (--train-seeds 0,1,2 for more)
-    # the similar split's seeds come from the scale (0 at demo scale; the paper's 0-3 at paper scale)
-    # or --seeds; bases A and B of every split are added as the jobs' dependencies.
+    # training seeds come from the scale (0, 1, 2 at demo scale; 0 elsewhere) or --train-seeds; the similar
+    # split's seeds from the scale (0 at demo scale; the paper's 0-3 at paper scale) or --seeds; bases A and B
+    # of every split are added as the jobs' dependencies.
 }
 
 if __name__ == "__main__":

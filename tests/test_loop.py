@@ -22,11 +22,12 @@ from raytransfer.trial import run_trial
 SPEC = SyntheticSpec(seed=0, superclasses_per_family=2, classes_per_superclass=1, train_per_class=200,
                      val_per_class=50)
 # 8 epochs x 25 steps of 32: top-1 0.70-0.79 in-process over 7 runs (chance 0.25; augmentation is unseeded)
-RECIPE = get_recipe("smoke", epochs=8, lr=0.005, warmup_fraction=0.1, milestones=(0.75,))
+RECIPE = get_recipe("smoke", epochs=8, lr=0.005, schedule="step", warmup_fraction=0.1, milestones=(0.75,))
 CHANCE = 0.25
 CPU = torch.device("cpu")
 EPOCH_KEYS = {"epoch", "train_loss", "val_top1", "val_top5", "images_per_s", "lr", "step"}
-SUMMARY_KEYS = {"top1_final", "top1_best10", "wall_s", "frozen_check", "epochs", "evaluations"}
+SUMMARY_KEYS = {"top1_final", "top1_best10", "wall_s", "frozen_check", "epochs", "evaluations", "plateau_rise",
+                "converged"}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,12 @@ def test_loop_learns_in_process(base_run):
     assert summary["evaluations"] == len(history) == 8 * RECIPE.evals_per_epoch
     assert summary["top1_best10"] == pytest.approx(best_k_mean([h["val_top1"] for h in history], 10))
     assert summary["top1_best10"] == pytest.approx(sum(sorted(h["val_top1"] for h in history)[-10:]) / 10)
+    # the convergence rule on its own curve: last tenth of the steps vs the tenth ending at 80 %
+    total = history[-1]["step"]
+    late = [h["val_top1"] for h in history if h["step"] > 0.9 * total]
+    before = [h["val_top1"] for h in history if 0.7 * total < h["step"] <= 0.8 * total]
+    assert summary["plateau_rise"] == pytest.approx(sum(late) / len(late) - sum(before) / len(before))
+    assert summary["converged"] is (summary["plateau_rise"] < 0.01)
 
 
 def test_resumed_trial_continues_from_its_checkpoint_epoch(dataset, base_run):

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from raytransfer.cli import main as cli_main
+from raytransfer.recipes import get_recipe
 from raytransfer.models import CaffeNet, CrossChannelLRN, ResNet18, build_model, describe_layers, layer_names
 
 CAFFENET_LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
@@ -150,3 +151,34 @@ def test_every_recipe_builds_either_architecture(recipe, arch):
     net = build_model(r.arch, 5, **r.arch_kwargs())
     assert net(torch.zeros(1, 3, r.crop_size, r.crop_size)).shape == (1, 5)
     assert list(n_range(arch)) == list(range(1, len(net.layer_table())))
+
+
+def test_batch_norm_caffenet_layers_own_their_norms_and_frozen_ones_stay_put():
+    """norm='batch' (the CPU recipes): each layer but fc8 owns its batch norm, so copying or freezing n layers
+    copies or freezes their norms too, running statistics included."""
+    from raytransfer.transfer import build_trial_network, frozen_state, verify_frozen
+
+    kwargs = get_recipe("demo").arch_kwargs()
+    base = build_trial_network("caffenet", 8, None, 0, "scratch", 0, kwargs)
+    assert [layer.prefixes for layer in base.layer_table()][:2] == [("conv1.", "conv1_bn."), ("conv2.", "conv2_bn.")]
+    assert base.layer_table()[-1].prefixes == ("fc8.",)
+    net = build_trial_network("caffenet", 8, base.state_dict(), 3, "frozen", 1, kwargs)
+    reference = {k: v.clone() for k, v in frozen_state(net).items()}
+    assert "conv3_bn.running_mean" in reference and "conv4_bn.running_mean" not in reference
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    net.train()
+    for _ in range(3):
+        loss = net(torch.randn(16, 3, 28, 28)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert verify_frozen(net, reference)["ok"]
+    assert not net.conv3_bn.training and net.conv4_bn.training
+    assert not torch.equal(net.conv4_bn.running_mean, torch.zeros_like(net.conv4_bn.running_mean))
+
+
+def test_nets_that_start_from_nothing_train_the_recipes_scratch_epochs():
+    demo = get_recipe("demo")
+    assert demo.for_treatment("baseA").epochs == demo.for_treatment("scratch").epochs == demo.scratch_epochs
+    assert demo.for_treatment("AnB+").epochs == demo.for_treatment("random_frozen").epochs == demo.epochs
+    assert get_recipe("paper").for_treatment("baseA") == get_recipe("paper")

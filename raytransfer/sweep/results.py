@@ -18,9 +18,9 @@ import pandas as pd
 
 COLUMNS = ["job_key", "dataset", "split_kind", "split_seed", "split", "split_sha256", "seed", "treatment",
            "source_half", "target_half", "n", "k", "layer", "arch", "recipe", "top1_final", "top1_best10", "top5_final",
-           "epochs", "images_per_class", "train_images_per_s", "wall_s", "frozen_check", "base_job_key", "status",
-           "reason", "host", "node_id", "gpus_held", "device", "attempts", "base_weights_via", "checkpoint_bytes",
-           "started_at", "finished_at"]
+           "plateau_rise", "converged", "epochs", "images_per_class", "train_images_per_s", "wall_s", "frozen_check",
+           "base_job_key", "status", "reason", "host", "node_id", "gpus_held", "device", "attempts", "base_weights_via",
+           "checkpoint_bytes", "started_at", "finished_at"]
 CURVE_COLUMNS = ["job_key", "epoch", "train_loss", "val_top1", "val_top5", "lr", "images_per_s"]
 
 
@@ -30,7 +30,8 @@ def result_row(job, record: dict | None, status: str = "done") -> dict:
     row.update(arch=recipe["arch"], recipe=recipe["name"], status="to run")
     if record:
         m = record.get("metrics") or {}
-        row.update({k: m.get(k) for k in ("top1_final", "top1_best10", "top5_final", "epochs", "images_per_class",
+        row.update({k: m.get(k) for k in ("top1_final", "top1_best10", "top5_final", "plateau_rise", "converged",
+                                          "epochs", "images_per_class",
                                           "train_images_per_s", "wall_s", "frozen_check", "checkpoint_bytes",
                                           "device")})
         row.update({k: record.get(k) for k in ("dataset", "host", "node_id", "gpus_held", "attempts",

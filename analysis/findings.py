@@ -1,0 +1,234 @@
+"""The paper's four findings, each answered from the table's own rows with a paired 95 % interval.
+
+A finding is an average of paired differences (a network minus the base of its target half, or two
+networks of one unit) computed per *unit* -- one split (kind, seed, label) and one training seed,
+whose networks all start from that unit's bases -- and then a Student-t interval over the units:
+estimate ± t(0.975, G − 1) · sd / √G for G units. Units are the independent draws; networks inside
+a unit are not (they share its bases). A comparison against a base that did not converge measures
+extra training, not transfer, so networks whose base did not converge are left out and counted.
+
+    check = science_check(with_base(rows))      # {"co_adaptation": {...}, "specificity": ..., ...}
+
+Each finding: question, answer ("yes" / "no" / "unresolved" when the interval includes zero /
+"not enough rows"), estimate and interval (accuracy units: 0.01 = 1 point), networks, units, text,
+and for an unresolved one `seeds_to_resolve`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from analysis.results import BASE_TREATMENTS
+from analysis.stats import t_quantile
+
+CONFIDENCE = 0.95
+MIDDLE_N = (3, 6)          # co-adaptation: the paper's dip is at n = 3..5 (fragile co-adapted middle layers)
+FINE_TUNED_N = (3, 7)      # fine-tuning boost: the paper's Table 1 row "3-7"
+RANDOM_N_MIN = 3           # random frozen layers fail from n = 3 in the paper
+UNIT = ("split_kind", "split_seed", "split", "seed")
+
+
+def interval(values) -> tuple[float, float, float]:
+    """Mean of per-unit values and its t interval (NaN bounds from fewer than two units)."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = t_quantile((1 + CONFIDENCE) / 2, len(values) - 1) * float(values.std(ddof=1)) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def units_to_resolve(values) -> int | None:
+    """How many units an effect of the measured size and spread needs for its interval to exclude zero
+    (None when there is no spread to go by or no effect)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2 or values.std(ddof=1) == 0 or values.mean() == 0:
+        return None
+    ratio = float(values.std(ddof=1) / abs(values.mean()))
+    for g in range(2, 10_000):
+        if t_quantile((1 + CONFIDENCE) / 2, g - 1) * ratio / math.sqrt(g) < 1:
+            return g
+    return None
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.1f} points"
+
+
+def usable(rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Networks with a base in the table whose base converged (or whose convergence is not recorded);
+    and how many were left out because their base did not converge."""
+    with_base = rows[rows["rel"].notna() & ~rows["treatment"].isin(BASE_TREATMENTS)]
+    if "base_converged" not in rows.columns:
+        return with_base, 0
+    short = with_base["base_converged"].eq(False)
+    return with_base[~short], int(short.sum())
+
+
+def _per_unit(frame: pd.DataFrame) -> pd.Series:
+    """Per unit: the mean over n of the per-n mean of `rel` (each n weighs the same)."""
+    if frame.empty:
+        return pd.Series(dtype=float)
+    per_n = frame.groupby(list(UNIT) + ["n"])["rel"].mean()
+    return per_n.groupby(level=list(range(len(UNIT)))).mean()
+
+
+def _answer(estimate, low, high, positive_is_yes: bool) -> str:
+    if math.isnan(low):
+        return "unresolved"
+    if low > 0:
+        return "yes" if positive_is_yes else "no"
+    if high < 0:
+        return "no" if positive_is_yes else "yes"
+    return "unresolved"
+
+
+def _finding(question: str, values: pd.Series, networks: int, positive_is_yes: bool, what: str,
+             left_out: int, seeds_per_unit: float, lacking: str | None = None) -> dict:
+    result = {"question": question, "confidence": CONFIDENCE, "networks": int(networks), "units": int(len(values)),
+              "left_out_unconverged_base": int(left_out)}
+    if lacking or len(values) == 0:
+        result.update(answer="not enough rows", estimate=None, interval=None,
+                      text=f"not enough rows: {lacking or 'no networks with a converged base'}.")
+        return result
+    estimate, low, high = interval(values)
+    answer = _answer(estimate, low, high, positive_is_yes)
+    result.update(answer=answer, estimate=estimate, interval=None if math.isnan(low) else [low, high])
+    bounds = "no interval from one unit" if math.isnan(low) else f"95 % interval {_points(low)} to {_points(high)}"
+    result["text"] = (f"{answer}: {what} {_points(estimate)} ({bounds}; {networks} networks, {len(values)} "
+                      f"independent units of split × training seed).")
+    if left_out:
+        result["text"] += f" {left_out} networks left out: their base did not converge."
+    if answer == "unresolved":
+        need = units_to_resolve(values)
+        if need is not None:
+            seeds = max(1, math.ceil(need / seeds_per_unit))
+            result["seeds_to_resolve"] = seeds
+            result["text"] += (f" An effect of this size and spread needs about {need} units to resolve: "
+                               f"--train-seeds with {seeds} seeds on this grid.")
+        else:
+            result["text"] += " More training seeds (--train-seeds 0,1,2,...) give an interval."
+    return result
+
+
+def science_check(rows: pd.DataFrame) -> dict:
+    """The four findings, from rows of `results.with_base` (optionally with `base_converged`)."""
+    nets, left_out = usable(rows)
+
+    def units_per_seed(frame):
+        return max(1.0, frame[list(UNIT)].drop_duplicates().shape[0] / max(1, frame["seed"].nunique()))
+
+    found = {}
+    low, high = MIDDLE_N
+    bnb = nets[(nets["treatment"] == "BnB") & nets["n"].between(low, high)]
+    found["co_adaptation"] = _finding(
+        f"Does BnB (frozen selffer) fall below its base at the middle layers (mean over n = {low}..{high})?",
+        _per_unit(bnb), len(bnb), positive_is_yes=False, what=f"BnB minus its base, n = {low}..{high}, all splits:",
+        left_out=left_out, seeds_per_unit=units_per_seed(bnb) if len(bnb) else 1,
+        lacking=None if len(bnb) else f"no BnB network at n = {low}..{high} with its base")
+
+    found["specificity"] = _specificity(nets, left_out)
+
+    low, high = FINE_TUNED_N
+    anbp = nets[(nets["treatment"] == "AnB+") & nets["n"].between(low, high) & (nets["split_kind"] == "similar")]
+    found["fine_tuning"] = _finding(
+        f"Does fine-tuning transferred layers (AnB+) beat the base (mean over n = {low}..{high}, similar split)? "
+        "The paper: a small boost (+1.6 points).",
+        _per_unit(anbp), len(anbp), positive_is_yes=True, what=f"AnB+ minus its base, n = {low}..{high}:",
+        left_out=left_out, seeds_per_unit=units_per_seed(anbp) if len(anbp) else 1,
+        lacking=None if len(anbp) else f"no AnB+ network at n = {low}..{high} on the similar split with its base")
+
+    deep = nets[nets["n"] >= RANDOM_N_MIN]
+    pairs = deep[deep["treatment"].isin(["random_frozen", "AnB"])]
+    wide = pairs.pivot_table(index=list(UNIT) + ["n"], columns="treatment", values="rel", aggfunc="mean")
+    if {"random_frozen", "AnB"} <= set(wide.columns):
+        wide = wide.dropna(subset=["random_frozen", "AnB"])
+        diff = (wide["random_frozen"] - wide["AnB"]).groupby(level=list(range(len(UNIT)))).mean()
+        counted = pairs.set_index(list(UNIT) + ["n"]).index.isin(wide.index).sum()
+    else:
+        diff, counted = pd.Series(dtype=float), 0
+    found["random_vs_transfer"] = _finding(
+        f"Are random frozen layers below transferred ones (random_frozen − AnB, mean over n ≥ {RANDOM_N_MIN})?",
+        diff, int(counted), positive_is_yes=False, what=f"random_frozen minus AnB, n ≥ {RANDOM_N_MIN}, all splits:",
+        left_out=left_out, seeds_per_unit=units_per_seed(pairs) if len(pairs) else 1,
+        lacking=None if len(diff) else f"no n ≥ {RANDOM_N_MIN} with both random_frozen and AnB networks and bases")
+    return found
+
+
+def welch_interval(a, b) -> tuple[float, float, float]:
+    """mean(a) − mean(b) and its Welch t interval (units of two independent groups)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    estimate = float(a.mean() - b.mean())
+    if va + vb == 0:
+        return estimate, estimate, estimate
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = t_quantile((1 + CONFIDENCE) / 2, df) * math.sqrt(va + vb)
+    return estimate, estimate - half, estimate + half
+
+
+def _specificity(nets: pd.DataFrame, left_out: int) -> dict:
+    """(AnB − base at n = 7, dissimilar) minus (the same, similar): paired by training seed where every seed
+    has both split kinds (the demo's grid), else a Welch interval over the units of each kind."""
+    question = "Does AnB fall further below its base at n = 7 on the dissimilar split than on the similar one?"
+    anb7 = nets[(nets["treatment"] == "AnB") & (nets["n"] == 7)]
+    units = {kind: _per_unit(anb7[anb7["split_kind"] == kind]) for kind in ("similar", "dissimilar")}
+    lacking = [kind for kind, values in units.items() if values.empty]
+    if lacking:
+        return _finding(question, pd.Series(dtype=float), 0, False, "", left_out, 1,
+                        lacking=f"no AnB network at n = 7 with its base on the {' and '.join(lacking)} split")
+    by_seed = {kind: values.groupby(level="seed").mean() for kind, values in units.items()}
+    paired = (by_seed["dissimilar"] - by_seed["similar"]).dropna()
+    networks = int(len(anb7[anb7["split_kind"].isin(["similar", "dissimilar"])]))
+    if len(paired) >= 2:
+        result = _finding(question, paired, networks, False, "(AnB − base at n = 7, dissimilar) minus (the same, "
+                          "similar), paired by training seed:", left_out, 1)
+        result["pairing"] = "training seed"
+    else:
+        dissimilar, similar = units["dissimilar"], units["similar"]
+        result = {"question": question, "confidence": CONFIDENCE, "networks": networks,
+                  "units": int(len(dissimilar) + len(similar)), "left_out_unconverged_base": int(left_out),
+                  "pairing": "none (independent units of each split kind)"}
+        if min(len(dissimilar), len(similar)) < 2:
+            estimate = float(dissimilar.mean() - similar.mean())
+            result.update(answer="unresolved", estimate=estimate, interval=None,
+                          text=(f"unresolved: AnB − base at n = 7 is {_points(dissimilar.mean())} on the dissimilar "
+                                f"split and {_points(similar.mean())} on the similar one ({_points(estimate)}, "
+                                f"{networks} networks), but {min(len(dissimilar), len(similar))} unit of one kind "
+                                "gives no interval: train several seeds of both (--train-seeds 0,1,2)."))
+        else:
+            estimate, low, high = welch_interval(dissimilar, similar)
+            answer = _answer(estimate, low, high, positive_is_yes=False)
+            result.update(answer=answer, estimate=estimate, interval=[low, high],
+                          text=(f"{answer}: (AnB − base at n = 7, dissimilar) minus (the same, similar) "
+                                f"{_points(estimate)} (95 % Welch interval {_points(low)} to {_points(high)}; "
+                                f"{networks} networks, {len(dissimilar)} + {len(similar)} units)."))
+    result["similar_AnB7_minus_base"] = float(units["similar"].mean())
+    result["dissimilar_AnB7_minus_base"] = float(units["dissimilar"].mean())
+    return result
+
+
+def convergence_summary(rows: pd.DataFrame, rule: str) -> dict:
+    """Which bases converged by `rule`, and what a second full schedule from a base's own weights gives
+    (BnB+ at the deepest n: the base trained again; a converged base gains nothing)."""
+    bases = rows[rows["treatment"].isin(BASE_TREATMENTS)]
+    known = bases[bases["converged"].isin([True, False])] if "converged" in bases else bases.iloc[:0]
+    short = known[known["converged"].eq(False)]
+    summary = {"rule": rule, "bases": int(len(bases)), "bases_with_rule": int(len(known)),
+               "bases_not_converged": sorted(short["job_key"]),
+               "base_top1": [float(v) for v in bases["top1_best10"]] if "top1_best10" in bases else []}
+    if "plateau_rise" in bases:
+        rises = pd.to_numeric(bases["plateau_rise"], errors="coerce").dropna()
+        if len(rises):
+            summary["base_plateau_rise"] = {"min": float(rises.min()), "median": float(rises.median()),
+                                            "max": float(rises.max())}
+    selffers = rows[(rows["treatment"] == "BnB+") & rows["rel"].notna()]
+    if len(selffers):
+        deepest = selffers[selffers["n"] == selffers["n"].max()]
+        estimate, low, high = interval(_per_unit(deepest))
+        summary["second_schedule_gain"] = {
+            "n": int(deepest["n"].iloc[0]), "estimate": estimate, "networks": int(len(deepest)),
+            "interval": None if math.isnan(low) else [low, high]}
+    return summary

@@ -1,0 +1,26 @@
+"""When a net counts as trained to convergence: the rule every job records and the report states.
+
+A transfer compared with a base that stopped short measures extra training, not transfer (a copied
+layer gets its training twice), so each job records `plateau_rise` and `converged` from its own
+validation curve; the analysis leaves out comparisons against bases that did not converge. Pure
+Python: the analysis reads the rule's text without importing torch.
+
+    rise = plateau_rise(history, total_steps)      # history: [{"step": ..., "val_top1": ...}, ...]
+"""
+from __future__ import annotations
+
+# The convergence rule the report states: validation top-1 rose by less than PLATEAU_POINTS over the last
+# 20 % of training, measured as the mean of the evaluations in the last tenth of the steps minus the mean
+# of those in the tenth that ends at 80 % (two windows, so one noisy evaluation does not decide it).
+PLATEAU_POINTS = 0.01
+PLATEAU_RULE = ("validation top-1 rose by less than 1 point over the last 20 % of training (mean of the "
+                "evaluations in the last 10 % of the steps minus the mean of those between 70 % and 80 %)")
+
+
+def plateau_rise(history, total_steps: int) -> float:
+    """How much validation top-1 rose over the last 20 % of training (NaN without evaluations in both
+    windows); converged when below PLATEAU_POINTS."""
+    def window(low, high):
+        values = [h["val_top1"] for h in history if low * total_steps < h["step"] <= high * total_steps]
+        return sum(values) / len(values) if values else float("nan")
+    return window(0.9, 1.0) - window(0.7, 0.8)

@@ -1,0 +1,110 @@
+"""analysis/findings.py and raytransfer/convergence.py: the paper's four findings with paired t intervals
+over units (split x training seed), computed by hand here; networks whose base did not converge left out;
+the plateau rule on hand-made curves."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from analysis.findings import science_check, units_to_resolve, welch_interval
+from analysis.results import normalise_rows, with_base
+from raytransfer.convergence import PLATEAU_POINTS, plateau_rise
+
+
+def row(key, treatment, target, n=0, value=0.5, split_kind="similar", seed=0, converged=True):
+    return {"job_key": key, "dataset": "toy", "split_kind": split_kind, "split_seed": 0, "seed": seed,
+            "split": "dissimilar" if split_kind == "dissimilar" else "similar-s0", "treatment": treatment,
+            "target_half": target, "n": n, "arch": "tiny", "recipe": "demo", "top1_best10": value,
+            "converged": converged, "status": "done"}
+
+
+# per training seed: (BnB − base at n = 3..6, AnB7 − base similar, AnB7 − base dissimilar, AnB+ − base, random − AnB)
+EFFECTS = {0: (-0.02, -0.01, -0.10, 0.010, -0.30), 1: (-0.03, -0.02, -0.08, 0.020, -0.25),
+           2: (-0.01, 0.00, -0.12, 0.015, -0.35)}
+
+
+def table(effects=EFFECTS, base_converged=True) -> pd.DataFrame:
+    rows = []
+    for seed, (bnb, anb_sim, anb_dis, anbp, random_minus_anb) in effects.items():
+        for kind, anb7 in (("similar", anb_sim), ("dissimilar", anb_dis)):
+            p = f"{kind}-s{seed}-"
+            base = 0.80
+            rows += [row(p + "bA", "baseA", "A", value=0.75, split_kind=kind, seed=seed),
+                     row(p + "bB", "baseB", "B", value=base, split_kind=kind, seed=seed, converged=base_converged)]
+            for n in range(1, 8):
+                anb = anb7 if n == 7 else 0.0
+                rows += [row(f"{p}BnB{n}", "BnB", "B", n, base + (bnb if 3 <= n <= 6 else 0.0), kind, seed),
+                         row(f"{p}AnB{n}", "AnB", "B", n, base + anb, kind, seed),
+                         row(f"{p}AnBp{n}", "AnB+", "B", n, base + anbp, kind, seed),
+                         row(f"{p}rf{n}", "random_frozen", "B", n, base + anb + random_minus_anb, kind, seed)]
+    return with_base(normalise_rows(pd.DataFrame(rows)))
+
+
+def t_interval(values):
+    mean, sd, g = sum(values) / len(values), pd.Series(values).std(ddof=1), len(values)
+    half = stats.t.ppf(0.975, g - 1) * sd / math.sqrt(g)
+    return mean, mean - half, mean + half
+
+
+def test_each_finding_is_a_paired_t_interval_over_units():
+    check = science_check(table())
+    # co-adaptation: every split kind and seed is a unit (6), each the mean of BnB - base over n = 3..6
+    mean, low, high = t_interval([-0.02, -0.02, -0.03, -0.03, -0.01, -0.01])
+    part = check["co_adaptation"]
+    assert part["estimate"] == pytest.approx(mean) and part["interval"] == pytest.approx([low, high])
+    assert part["answer"] == "yes" and part["units"] == 6 and part["networks"] == 6 * 4
+    # specificity: paired by training seed, dissimilar minus similar at n = 7: -0.09, -0.06, -0.12
+    mean, low, high = t_interval([-0.09, -0.06, -0.12])
+    part = check["specificity"]
+    assert part["estimate"] == pytest.approx(mean) and part["interval"] == pytest.approx([low, high])
+    assert part["answer"] == "yes" and part["units"] == 3 and part["pairing"] == "training seed"
+    # fine-tuning: similar split only, mean over n = 3..7 per seed: 0.010, 0.020, 0.015 -> a boost
+    mean, low, high = t_interval([0.010, 0.020, 0.015])
+    part = check["fine_tuning"]
+    assert part["estimate"] == pytest.approx(mean) and part["interval"] == pytest.approx([low, high])
+    assert part["answer"] == "yes" and part["networks"] == 3 * 5
+    # random vs transfer: random_frozen - AnB, n >= 3, both split kinds
+    part = check["random_vs_transfer"]
+    assert part["answer"] == "yes" and part["estimate"] == pytest.approx(-0.30) and part["units"] == 6
+    for part in check.values():
+        assert set(part) >= {"question", "answer", "estimate", "interval", "networks", "text"}
+
+
+def test_an_interval_that_includes_zero_is_unresolved_and_says_how_many_seeds_would_resolve_it():
+    effects = {0: (0.01, 0, -0.1, 0.03, -0.3), 1: (-0.02, 0, -0.1, -0.02, -0.3), 2: (0.005, 0, -0.1, 0.01, -0.3)}
+    part = science_check(table(effects))["fine_tuning"]
+    assert part["answer"] == "unresolved" and part["interval"][0] < 0 < part["interval"][1]
+    need = units_to_resolve([0.03, -0.02, 0.01])
+    assert part["seeds_to_resolve"] == need and need > 3
+    # the number is the first g where t(g - 1) * sd / sqrt(g) < |mean|
+    sd, mean = pd.Series([0.03, -0.02, 0.01]).std(ddof=1), abs(0.02 / 3)
+    assert stats.t.ppf(0.975, need - 1) * sd / math.sqrt(need) < mean
+    assert stats.t.ppf(0.975, need - 2) * sd / math.sqrt(need - 1) >= mean
+    assert f"{need} seeds" in part["text"]
+
+
+def test_comparisons_against_a_base_that_did_not_converge_are_left_out():
+    check = science_check(table(base_converged=False))
+    for part in check.values():
+        assert part["answer"] == "not enough rows" and part["left_out_unconverged_base"] > 0
+
+
+def test_welch_interval_matches_scipy():
+    a, b = [-0.10, -0.12, -0.09, -0.11], [-0.01, 0.02, 0.00]
+    estimate, low, high = welch_interval(a, b)
+    result = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert estimate == pytest.approx(sum(a) / 4 - sum(b) / 3)
+    assert [low, high] == pytest.approx([result.low, result.high])
+
+
+def test_plateau_rise_reads_the_last_fifth_of_the_curve():
+    def history(values):        # one evaluation per 10 of 100 steps
+        return [{"step": 10 * (i + 1), "val_top1": v} for i, v in enumerate(values)]
+    rising = history([0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75])
+    assert plateau_rise(rising, 100) == pytest.approx(0.75 - 0.65)          # step 100 vs step 80
+    flat = history([0.1, 0.5, 0.7, 0.8, 0.82, 0.83, 0.84, 0.845, 0.846, 0.848])
+    assert plateau_rise(flat, 100) < PLATEAU_POINTS
+    assert math.isnan(plateau_rise(history([0.5]), 100))
