@@ -1,0 +1,121 @@
+"""The diagnostics' math on known values: CKA's invariances, estimators ranking a separable toy
+problem's features, LEEP against its closed form, Kendall's tau; then the diagnostic jobs' keys and
+dependencies (no Ray, no training)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import ortho_group
+
+from raytransfer.diagnostics import (CKAAccumulator, gram, h_score, hsic1, kendall_tau, leep, linear_cka, logme,
+                                     probe_accuracy)
+
+
+def test_cka_of_a_representation_with_itself_is_one():
+    x = np.random.default_rng(0).normal(size=(200, 30))
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(x, x, batch_size=50) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cka_is_invariant_to_orthogonal_transforms_and_isotropic_scaling():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(240, 20))
+    y = x @ rng.normal(size=(20, 15)) + 0.5 * rng.normal(size=(240, 15))      # related, not equal
+    q = ortho_group.rvs(15, random_state=2)
+    for batch in (None, 60):
+        base = linear_cka(x, y, batch)
+        assert 0.2 < base < 0.999
+        assert linear_cka(x, y @ q, batch) == pytest.approx(base, rel=1e-9)
+        assert linear_cka(x, 7.5 * y, batch) == pytest.approx(base, rel=1e-9)
+        assert linear_cka(x + 100.0, y, batch) == pytest.approx(base, rel=1e-9)   # HSIC_1 ignores a shift
+
+
+def test_cka_of_independent_representations_is_near_zero_and_minibatches_agree_with_one_batch():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(1000, 10)), rng.normal(size=(1000, 10))
+    assert abs(linear_cka(x, y, batch_size=100)) < 0.05      # the debiased estimator: no small-sample inflation
+    z = x[:, :5] @ rng.normal(size=(5, 8))
+    assert linear_cka(x, z, batch_size=250) == pytest.approx(linear_cka(x, z), abs=0.05)
+
+
+def test_hsic1_matches_its_u_statistic_definition_on_a_small_case():
+    """Song et al.'s estimator equals the average over ordered 4-tuples of distinct indices of
+    (k_ij l_ij + k_ij l_kq - 2 k_ij l_ik) -- checked by brute force on 6 examples."""
+    from itertools import permutations
+
+    rng = np.random.default_rng(4)
+    k, l = gram(rng.normal(size=(6, 3))), gram(rng.normal(size=(6, 4)))
+    tuples = list(permutations(range(6), 4))
+    brute = np.mean([k[i, j] * l[i, j] + k[i, j] * l[a, b] - 2 * k[i, j] * l[i, a] for i, j, a, b in tuples])
+    assert hsic1(k, l) == pytest.approx(brute, rel=1e-9)
+
+
+def test_accumulator_counts_each_self_term_once_per_minibatch():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(40, 5)), rng.normal(size=(40, 5))
+    acc = CKAAccumulator()
+    acc.add("a", "a", gram(a), gram(a))
+    acc.add("a", "b", gram(a), gram(b))
+    assert acc.cka("a", "a") == pytest.approx(1.0)
+    assert acc.cka("a", "b") == pytest.approx(linear_cka(a, b))
+
+
+def separable_problem(seed=0, n=600, classes=4):
+    """Features that carry the label (class means far apart) and features that are noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    means = rng.normal(scale=4.0, size=(classes, 8))
+    good = means[y] + rng.normal(size=(n, 8))
+    weak = 0.3 * means[y] + rng.normal(size=(n, 8))
+    noise = rng.normal(size=(n, 8))
+    return y, good, weak, noise
+
+
+def test_logme_and_h_score_rank_informative_features_first():
+    y, good, weak, noise = separable_problem()
+    for estimator in (logme, h_score):
+        scores = [estimator(f, y) for f in (good, weak, noise)]
+        assert scores[0] > scores[1] > scores[2], estimator.__name__
+    assert h_score(noise, y) == pytest.approx(0.0, abs=0.1)     # no class signal: cov(E[f|y]) ~ 0
+
+
+def test_logme_does_not_depend_on_more_units_than_images():
+    """A layer wider than the image count (fc6 at paper scale against a few thousand images)."""
+    y, good, _, noise = separable_problem(n=50)
+    wide_good = np.hstack([good, np.random.default_rng(1).normal(size=(50, 100))])
+    assert np.isfinite(logme(wide_good, y)) and logme(wide_good, y) > logme(noise, y)
+
+
+def test_probe_separates_a_separable_problem():
+    y, good, _, noise = separable_problem()
+    assert probe_accuracy(good[:400], y[:400], good[400:], y[400:]) > 0.95
+    assert probe_accuracy(noise[:400], y[:400], noise[400:], y[400:]) < 0.5
+
+
+def test_leep_equals_its_closed_form_on_a_hand_computed_case():
+    # two source classes, two target classes, three images
+    theta = np.array([[0.8, 0.2], [0.3, 0.7], [0.5, 0.5]])
+    y = np.array([0, 1, 1])
+    # P(y, z) = (1/3) sum_i theta(z|x_i) [y_i = y]
+    joint = np.array([[0.8, 0.2], [0.8, 1.2]]) / 3
+    cond = joint / joint.sum(0)                  # P(y | z): column z sums to 1
+    # cond = [[0.5, 1/7], [0.5, 6/7]]
+    assert cond == pytest.approx(np.array([[0.5, 1 / 7], [0.5, 6 / 7]]))
+    by_hand = np.mean([np.log(0.8 * 0.5 + 0.2 / 7), np.log(0.3 * 0.5 + 0.7 * 6 / 7),
+                       np.log(0.5 * 0.5 + 0.5 * 6 / 7)])
+    assert leep(theta, y) == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_leep_is_higher_when_source_classes_predict_target_classes():
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 3, 300)
+    aligned = np.eye(3)[y] * 0.9 + 0.1 / 3
+    scrambled = np.eye(3)[rng.integers(0, 3, 300)] * 0.9 + 0.1 / 3
+    assert leep(aligned, y) > leep(scrambled, y)
+
+
+def test_kendall_tau_of_a_perfect_and_a_reversed_ranking():
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40])[:1] == (pytest.approx(1.0),)
+    tau, p, used = kendall_tau([1, 2, 3, 4, np.nan], [4, 3, 2, 1, 0])
+    assert tau == pytest.approx(-1.0) and used == 4 and 0 < p < 1
+    assert np.isnan(kendall_tau([1, 2], [1, 2])[0])
