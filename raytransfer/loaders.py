@@ -181,6 +181,28 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
     return HalfLoaders(loaders["train"], loaders["val"], len(half_labels), [c for c in sorted(half_class_ids)])
 
 
+def build_eval_loader(data_dir, half_class_ids: list[str], crop: CropSpec, split: str, batch_size: int,
+                      device: torch.device, max_images: int | None = None, sample_seed: int = 0,
+                      num_workers: int = 1) -> HalfLoader:
+    """Centre crops of a half's `split` images ("train" or "val"), in a fixed order, no augmentation:
+    what the diagnostics read. At most `max_images` of them, a subsample drawn with `sample_seed`, so
+    every net of a diagnostic sees the same images in the same batches."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    label_of = {c["id"]: c["index"] for c in manifest["classes"]}
+    half_labels = sorted(label_of[c] for c in half_class_ids)
+    beton = data_dir / manifest["betons"][split]["file"]
+    labels = label_column(beton)
+    ids, lut = half_indices(labels, half_labels)
+    ids = ids[labels[ids] != CORRUPT_LABEL]
+    if max_images is not None and len(ids) > max_images:
+        ids = np.sort(np.random.default_rng(sample_seed).choice(ids, max_images, replace=False))
+    stored = manifest["settings"]["resolution"]
+    window = crop_window(stored, crop, data_dir)
+    return _ffcv_loader(beton, ids, lut, False, crop, stored, window, manifest, batch_size, device, sample_seed,
+                        num_workers, False, 2)
+
+
 def _ffcv_loader(beton, ids, lut, train, crop, stored, window, manifest, batch_size, device, seed, num_workers,
                  distributed, batches_ahead) -> HalfLoader:
     from ffcv.fields.basics import IntDecoder

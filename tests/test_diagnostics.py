@@ -119,3 +119,97 @@ def test_kendall_tau_of_a_perfect_and_a_reversed_ranking():
     tau, p, used = kendall_tau([1, 2, 3, 4, np.nan], [4, 3, 2, 1, 0])
     assert tau == pytest.approx(-1.0) and used == 4 and 0 < p < 1
     assert np.isnan(kendall_tau([1, 2], [1, 2])[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostic jobs: keys and dependencies (dry run), then one job's rows on real loaders
+
+def diag_jobs(kinds=("cka", "probe", "estimators"), ns=(1, 2), settings=None):
+    from raytransfer.sweep.jobs import DiagnosticSettings, build_diagnostic_jobs
+    from tests.test_sweep import tiny_jobs
+
+    jobs = tiny_jobs(ns=ns, treatments=("AnB", "BnB", "AnB+", "random_frozen"))
+    return jobs, build_diagnostic_jobs(jobs, kinds, settings or DiagnosticSettings())
+
+
+def test_diagnostic_jobs_depend_on_the_nets_they_read_and_key_by_them():
+    from raytransfer.sweep.jobs import DiagnosticSettings
+
+    jobs, diags = diag_jobs()
+    by_kind = {d.treatment: d for d in diags}
+    assert set(by_kind) == {"diag_cka", "diag_probe", "diag_estimators"}
+    base = {j.treatment: j.key for j in jobs if j.treatment in ("baseA", "baseB")}
+    transfers = {j.key for j in jobs if j.treatment in ("AnB", "BnB", "AnB+")}
+    assert set(by_kind["diag_cka"].deps) == {base["baseA"], base["baseB"]} | transfers   # no random_frozen
+    assert by_kind["diag_probe"].deps == by_kind["diag_estimators"].deps == (base["baseA"],)   # target B: baseA
+    assert all(d.is_diagnostic and d.base_key is None and d.row()["deps"] == list(d.deps) for d in diags)
+    assert len({d.key for d in diags} | {j.key for j in jobs}) == len(diags) + len(jobs)
+    # same inputs, same keys; another setting or another net read, another key
+    assert [d.key for d in diag_jobs()[1]] == [d.key for d in diags]
+    other = {d.treatment: d.key for d in diag_jobs(settings=DiagnosticSettings(val_images=100))[1]}
+    assert all(other[t] != by_kind[t].key for t in by_kind)
+    more_n = {d.treatment: d.key for d in diag_jobs(ns=(1, 2, 3))[1]}
+    assert more_n["diag_cka"] != by_kind["diag_cka"].key and more_n["diag_probe"] == by_kind["diag_probe"].key
+
+
+def test_searcher_releases_a_diagnostic_after_all_its_nets_and_a_base_only_after_it():
+    from ray.tune.search import Searcher
+
+    from raytransfer.sweep.searcher import DependencySearcher
+
+    jobs, diags = diag_jobs(kinds=("cka",), ns=(1,))
+    released = []
+    s = DependencySearcher(jobs + diags, release=released.append)
+    (cka,) = diags
+    done_trials = []
+    while True:
+        cfg = s.suggest(f"t{len(done_trials)}")
+        if cfg in (None, Searcher.FINISHED):
+            break
+        assert cfg["job_key"] != cka.key or all(d in s.done for d in cka.deps)
+        key = cfg["job_key"]
+        done_trials.append(key)
+        if key == cka.key:
+            assert set(cfg["base_uris"]) == set(cka.deps)
+            assert not released or all(b not in released for b in cka.deps if "base" in b)
+            s.on_trial_complete(f"t{len(done_trials) - 1}", {"output_uri": f"/r/{key}.json"})
+        else:
+            s.on_trial_complete(f"t{len(done_trials) - 1}", {"weights_uri": f"/w/{key}"})
+    assert cka.key in s.done and s.done[cka.key] == f"/r/{cka.key}.json" and len(s.done) == len(jobs) + 1
+    bases = [j.key for j in jobs if j.treatment in ("baseA", "baseB")]
+    assert set(bases) <= set(released) and done_trials[-1] == cka.key   # released once the diagnostic ended
+
+
+def test_each_diagnostic_computes_its_rows_on_the_half_images(synthetic_dataset):
+    import torch
+
+    from raytransfer.diagnose import run_diagnostic
+    from raytransfer.models import build_model, layer_names
+    from raytransfer.recipes import get_recipe
+    from raytransfer.sweep.jobs import DiagnosticSettings, build_diagnostic_jobs
+    from tests.test_sweep import tiny_jobs
+
+    folder, manifest = synthetic_dataset
+    jobs = tiny_jobs(ns=(2,), treatments=("AnB", "BnB"))
+    recipe = get_recipe("smoke")
+    states = {}
+    for i, j in enumerate(jobs):
+        torch.manual_seed(i)
+        states[j.key] = build_model(recipe.arch, 4, **recipe.arch_kwargs()).state_dict()
+    settings = DiagnosticSettings(val_images=8, train_images=16, batch_size=8)
+    diags = build_diagnostic_jobs(jobs, ("cka", "probe", "estimators"), settings)
+    names = layer_names(recipe.arch)
+    for d in diags:
+        spec = {**d.spec, "data_dir": str(folder), "dataset_fingerprint": manifest["fingerprint"],
+                "target_classes": [c["id"] for c in manifest["classes"]][:4]}
+        rows = run_diagnostic(spec, states.__getitem__, torch.device("cpu"))
+        kinds = {r["kind"] for r in rows}
+        if d.treatment == "diag_cka":
+            assert kinds == {"cka"} and len(rows) == len(names) ** 2 + 2 * len(names)   # AxB pairs + 2 transfers
+            assert all(np.isfinite(r["value"]) for r in rows), [r["value"] for r in rows]
+        elif d.treatment == "diag_probe":
+            assert kinds == {"probe"} and [r["layer_a"] for r in rows] == list(names[:-1])
+            assert all(0.0 <= r["value"] <= 1.0 for r in rows)
+        else:
+            assert kinds == {"hscore", "logme", "leep"} and len(rows) == 2 * (len(names) - 1) + 1
+        assert all(r["net_a"] in states and r["split_kind"] == "similar" and r["seed"] == 0 for r in rows)

@@ -15,7 +15,7 @@ def job_images(recipe, train_images: int) -> int:
 
 def print_estimate(jobs, done: dict, recipe, dataset):
     """GPU-hours of the jobs still to run, at the H100 base speed (a lower bound: input can be slower)."""
-    todo = [j for j in jobs if j.key not in done]
+    todo = [j for j in jobs if j.key not in done and not j.is_diagnostic]   # diagnostics: forward passes only
     if recipe.arch != MEASURED_ARCH:
         print(f"estimate: none for {recipe.arch}: step speeds were measured for {MEASURED_ARCH} only "
               f"({len(todo)} jobs to run)")

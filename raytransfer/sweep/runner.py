@@ -26,9 +26,9 @@ from ..recipes import Recipe, get_recipe
 from ..synthetic import SyntheticSpec
 from .errors import SweepError
 from .monitor import LiveReport, MLflowJobs
-from .jobs import (DIRECTIONS, SPLIT_FILE, SPLIT_KINDS, TREATMENTS, Dataset, Job, build_jobs, describe_n_range,
-                   expand_axes, n_range)
-from .results import _atomic, write_results
+from .jobs import (DIAGNOSTICS, DIRECTIONS, SPLIT_FILE, SPLIT_KINDS, TREATMENTS, Dataset, DiagnosticSettings, Job,
+                   build_diagnostic_jobs, build_jobs, describe_n_range, expand_axes, n_range)
+from .results import _atomic, write_diagnostics, write_results
 from .store import JobStore, _split_uri
 
 log = logging.getLogger("raytransfer.sweep")
@@ -39,12 +39,19 @@ class Scale:
     recipe: str
     synthetic: SyntheticSpec | None        # the built-in dataset at this scale (None: needs --data)
     split_seeds: tuple = (0,)
+    diagnostics: tuple = ()                # --diagnostics by default at this scale
+    diagnostic_settings: DiagnosticSettings = DiagnosticSettings()
 
 
+ALL_DIAGNOSTICS = tuple(DIAGNOSTICS)
 SCALES = {
+    # smoke: off unless asked (--diagnostics all); then tiny subsamples, so a test sweep stays fast
     "smoke": Scale("smoke", SyntheticSpec(superclasses_per_family=2, classes_per_superclass=3, train_per_class=60,
-                                          val_per_class=20)),
-    "demo": Scale("demo", SyntheticSpec(classes_per_superclass=3, train_per_class=160)),
+                                          val_per_class=20),
+                   diagnostic_settings=DiagnosticSettings(val_images=100, train_images=300, batch_size=50)),
+    # demo: on, measured at about a minute of CPU per split x seed (benchmarks/RESULTS.md)
+    "demo": Scale("demo", SyntheticSpec(classes_per_superclass=3, train_per_class=160), diagnostics=ALL_DIAGNOSTICS),
+    # paper/fast: off unless asked; cheap beside the networks (forward passes of a few thousand images)
     "paper": Scale("paper", None, (0, 1, 2, 3)),
     "fast": Scale("fast", None, (0, 1, 2, 3)),
 }
@@ -62,6 +69,11 @@ def add_sweep_args(p: argparse.ArgumentParser):
     g.add_argument("--n", help="layers copied, e.g. 1-7 or 1,3,5 (default: all, 1 .. layers - 1 of --arch)")
     g.add_argument("--treatments", help=f"comma list of {', '.join(TREATMENTS)}")
     g.add_argument("--directions", choices=sorted(DIRECTIONS), help="AtoB: target B; BtoA: target A; both")
+    p.add_argument("--diagnostics", metavar="KINDS",
+                   help=f"measurements beside the grid, as jobs of the same sweep: comma list of {', '.join(DIAGNOSTICS)}, "
+                        "'all' or 'none' (default: all at demo scale, none at smoke, paper and fast scale). cka: layer "
+                        "similarity of baseA vs baseB and of each transfer vs its base; probe: linear probes on baseA's "
+                        "layers; estimators: H-score, LogME, LEEP of baseA's layers on half B")
     p.add_argument("--scale", default="demo", help=f"one of {', '.join(SCALES)} (recipe and built-in data size)")
     p.add_argument("--arch", choices=ARCHITECTURES, default=None,
                    help="the network of every job: caffenet (the paper's, default) or resnet18 (torchvision's, "
@@ -114,6 +126,17 @@ def _names(text: str, allowed, what: str) -> list[str]:
     if bad or not names:
         raise SweepError(f"unknown {what} {bad[0] if bad else text!r}; expected one of {', '.join(allowed)}")
     return names
+
+
+def diagnostic_kinds(args, scale: Scale) -> tuple:
+    """--diagnostics as a tuple of kinds (the scale's default when not given)."""
+    if args.diagnostics is None:
+        return scale.diagnostics
+    if args.diagnostics.strip() == "none":
+        return ()
+    if args.diagnostics.strip() == "all":
+        return ALL_DIAGNOSTICS
+    return tuple(_names(args.diagnostics, list(DIAGNOSTICS) + ["all", "none"], "diagnostic"))
 
 
 def apply_overrides(grid: dict, args, arch: str = "caffenet") -> dict:
@@ -237,7 +260,9 @@ def print_job_table(jobs: list[Job], done: dict, out=None):
     out = out or sys.stdout                         # looked up now: redirections (and pytest's capsys) see it
     print(f"{'job':<58} {'status':<7} depends on", file=out)
     for j in jobs:
-        print(f"{j.key:<58} {'done' if j.key in done else 'to run':<7} {j.base_key or '-'}", file=out)
+        deps = j.base_key or (j.deps[0] if len(j.deps) == 1 else
+                              f"{len(j.deps)} nets: {', '.join(j.deps[:2])}, ..." if j.deps else "-")
+        print(f"{j.key:<58} {'done' if j.key in done else 'to run':<7} {deps}", file=out)
     d = sum(j.key in done for j in jobs)
     print(f"{len(jobs)} jobs, {d} done, {len(jobs) - d} to run", file=out)
 
@@ -285,6 +310,8 @@ def run(grid: dict, args, name: str) -> int:
         grid, dropped = drop_dissimilar_without_superclasses(grid, dataset)
         notes.append(dropped)
     jobs, splits = build_jobs(expand_axes(grid), dataset, recipe)
+    jobs += build_diagnostic_jobs(jobs, diagnostic_kinds(args, scale), scale.diagnostic_settings)
+    networks = [j for j in jobs if not j.is_diagnostic]         # the results table's rows
     for note in filter(None, notes):
         print(f"[sweep] note: {note}", flush=True)
     done = {k: r for k, r in store.completed().items()}
@@ -311,9 +338,10 @@ def run(grid: dict, args, name: str) -> int:
         for r in records.values():
             r.setdefault("dataset", dataset.name)
         failed = store.failed()
-        table = write_results(out, jobs, records, failed)
-        progress = {"planned": len(jobs), "done": len(table), "failed": sum(k in failed and k not in records
-                                                                            for k in (j.key for j in jobs)),
+        table = write_results(out, networks, records, failed)
+        write_diagnostics(out, [j for j in jobs if j.is_diagnostic], records, table)
+        progress = {"planned": len(networks), "done": len(table), "failed": sum(k in failed and k not in records
+                                                                                for k in (j.key for j in networks)),
                     "final": final, "updated_at": time.time()}
         _atomic(out / "sweep_progress.json", lambda p: p.write_text(json.dumps(progress)))   # the live report reads it
         report = None
@@ -363,6 +391,8 @@ def summary_block(jobs, done_before: dict, records: dict, failed: dict, wall_s: 
              f"{len(keys & set(done_before))} done before), {len(bad)} failed, {len(missing)} not run",
              f"[sweep] wall time {hms(wall_s)}; trained now: {gpu_h:.2f} GPU-hours, {trial_h:.2f} hours of trials",
              f"[sweep] results: {out / 'results.csv'}"]
+    if any(j.is_diagnostic for j in jobs):
+        lines.append(f"[sweep] diagnostics: {out / 'diagnostics.csv'}, {out / 'transferability.json'}")
     lines += [f"[sweep] failed: {k}: {r.get('reason')}" for k, r in sorted(bad.items())]
     if missing:
         lines.append(f"[sweep] not run (rerun the same command to retry them): {', '.join(missing[:5])}"
@@ -375,6 +405,7 @@ def summary_block(jobs, done_before: dict, records: dict, failed: dict, wall_s: 
 
 INVOCATION = "raytransfer-invocation.json"
 RESUME_FLAGS = ("scale", "arch", "data", "splits", "split_file", "seeds", "train_seeds", "n", "treatments", "directions",
+                "diagnostics",
                 "gpus_per_trial",
                 "workers_per_trial", "cpus_per_trial", "host", "max_failures", "checkpoint_minutes", "max_concurrent")
 
