@@ -177,7 +177,7 @@ def test_searcher_releases_a_diagnostic_after_all_its_nets_and_a_base_only_after
             s.on_trial_complete(f"t{len(done_trials) - 1}", {"weights_uri": f"/w/{key}"})
     assert cka.key in s.done and s.done[cka.key] == f"/r/{cka.key}.json" and len(s.done) == len(jobs) + 1
     bases = [j.key for j in jobs if j.treatment in ("baseA", "baseB")]
-    assert set(bases) <= set(released) and done_trials[-1] == cka.key   # released once the diagnostic ended
+    assert set(released) == set(bases) and done_trials[-1] == cka.key   # bases only, once the diagnostic ended
 
 
 def test_each_diagnostic_computes_its_rows_on_the_half_images(synthetic_dataset):
@@ -213,3 +213,67 @@ def test_each_diagnostic_computes_its_rows_on_the_half_images(synthetic_dataset)
         else:
             assert kinds == {"hscore", "logme", "leep"} and len(rows) == 2 * (len(names) - 1) + 1
         assert all(r["net_a"] in states and r["split_kind"] == "similar" and r["seed"] == 0 for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# One smoke sweep with diagnostics on a local Ray, then the same command again
+
+def test_smoke_sweep_writes_diagnostics_and_skips_them_on_a_rerun(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import pandas as pd
+
+    from raytransfer.sweep.status import sweep_status
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAYTRANSFER_CACHE": tempfile.mkdtemp(prefix="rtc", dir="/tmp"),
+           "RAYTRANSFER_RAY_TMP": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "exp"
+    cmd = [sys.executable, str(root / "sweeps" / "full_paper.py"), "--scale", "smoke", "--splits", "similar",
+           "--n", "1,4,7", "--treatments", "AnB,AnB+", "--diagnostics", "all", "--no-dashboard", "--num-cpus", "2",
+           "--out", str(out)]
+
+    def run():
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return p.stdout
+
+    first = run()
+    assert "11 jobs, 0 done, 11 to run" in first                      # 2 bases + 6 transfers + 3 diagnostics
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 8 and not results.treatment.str.startswith("diag_").any()   # networks only
+    diag = pd.read_csv(out / "diagnostics.csv")
+    assert {"kind", "split_kind", "split_seed", "seed", "net_a", "net_b", "layer_a", "layer_b", "value"} <= set(diag)
+    assert set(diag.kind) == {"cka", "probe", "hscore", "logme", "leep"}
+    assert set(diag.net_a) <= set(results.job_key) and set(diag.net_b.dropna()) <= set(results.job_key)
+    ab = diag[(diag.kind == "cka") & (diag.treatment == "baseA-baseB")]
+    assert len(ab) == 64 and ab.value.between(-0.5, 1.0 + 1e-9).all()
+    frozen = diag[(diag.kind == "cka") & (diag.treatment == "AnB") & (diag.n == 7)]
+    copied = frozen[frozen.layer_a.isin(["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"])]
+    assert (copied.value.round(6) == 1.0).all()                          # frozen copies: their base's layers
+    assert len(diag[diag.kind == "probe"]) == len(diag[diag.kind == "logme"]) == 7
+    assert (out / "diagnostics.parquet").is_file()
+    tau = json.loads((out / "transferability.json").read_text())["estimators"]
+    assert set(tau) == {"hscore", "logme", "leep", "probe"}
+    for estimator in ("hscore", "logme", "probe"):
+        for treatment in ("AnB", "AnB+"):
+            cell = tau[estimator][treatment]
+            assert cell["points"] == 3 and -1.0 <= cell["tau"] <= 1.0 and 0.0 <= cell["p_value"] <= 1.0
+    assert 'id="diagnostics"' in (out / "report.html").read_text()
+    records = {f.stem: json.loads(f.read_text()) for f in (out / "jobstore" / "jobs").glob("*diag_*.json")}
+    assert len(records) == 3 and all(r["diagnostic"] and r["rows"] for r in records.values())
+    status = sweep_status(str(out))
+    assert status["done"] == 11 and status["waiting"] == 0
+    base_a = next(b for b in status["bases"] if "-baseA-" in b["job_key"])
+    assert base_a["dependents"] == 3 + 3 + 3       # AnB x 3, AnB+ x 3 and the three diagnostics that read it
+    again = run()                                                      # same command: nothing runs again
+    assert "11 jobs, 11 done, 0 to run" in again
+    assert {k: json.loads((out / "jobstore" / "jobs" / f"{k}.json").read_text())["recorded_at"] for k in records} == \
+        {k: r["recorded_at"] for k, r in records.items()}
+    pd.testing.assert_frame_equal(pd.read_csv(out / "diagnostics.csv"), diag)

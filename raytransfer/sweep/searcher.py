@@ -94,6 +94,8 @@ class DependencySearcher(Searcher):
         """Free a base once nothing in this sweep still needs it (every dependent ended)."""
         if base in self.released or self.release is None or base not in self.done:
             return
+        if self.jobs.get(base, {}).get("config", {}).get("treatment") not in (None, "baseA", "baseB"):
+            return                                   # a transfer a diagnostic read: no object-store copy to free
         dependents = [k for k, j in self.jobs.items() if base in j["deps"]]
         if not dependents:
             return
