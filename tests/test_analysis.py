@@ -394,7 +394,7 @@ def test_report_draws_the_diagnostics_in_headless_chromium(tmp_path):
     assert probe, "the probe never ran: the page did not finish drawing\n" + run.stderr[-2000:]
     assert json.loads(html.unescape(probe.group(1)))["errors"] == []
     slices = _dom_slices(dom, list(DIAGNOSTIC_FILES))
-    assert slices["diag1_cka_layers"].count('class="hm"') == 2 or "heatmaplayer" in slices["diag1_cka_layers"]
+    assert slices["diag1_cka_layers"].count('class="hm"') == 2 == slices["diag1_cka_layers"].count("<image")   # 2 kinds
     assert slices["diag2_cka_transfers"].count('class="trace scatter') == 6          # 3 n x 2 split kinds
     assert slices["diag3_probe"].count('class="trace scatter') == 6                  # probe, AnB, AnB+ x 2 kinds
     assert slices["diag4_estimators"].count('class="trace scatter') == 2 * 4 * 2     # 2 treatments x 4 x 2 kinds

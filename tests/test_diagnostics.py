@@ -152,6 +152,22 @@ def test_diagnostic_jobs_depend_on_the_nets_they_read_and_key_by_them():
     assert more_n["diag_cka"] != by_kind["diag_cka"].key and more_n["diag_probe"] == by_kind["diag_probe"].key
 
 
+def test_diagnostics_flag_defaults_by_scale_and_refuses_unknown_kinds():
+    from types import SimpleNamespace
+
+    from raytransfer.sweep.errors import SweepError
+    from raytransfer.sweep.runner import SCALES, diagnostic_kinds
+
+    assert diagnostic_kinds(SimpleNamespace(diagnostics=None), SCALES["demo"]) == ("cka", "probe", "estimators")
+    assert diagnostic_kinds(SimpleNamespace(diagnostics=None), SCALES["smoke"]) == ()
+    assert diagnostic_kinds(SimpleNamespace(diagnostics=None), SCALES["paper"]) == ()
+    assert diagnostic_kinds(SimpleNamespace(diagnostics="none"), SCALES["demo"]) == ()
+    assert diagnostic_kinds(SimpleNamespace(diagnostics="all"), SCALES["smoke"]) == ("cka", "probe", "estimators")
+    assert diagnostic_kinds(SimpleNamespace(diagnostics="probe,cka"), SCALES["paper"]) == ("probe", "cka")
+    with pytest.raises(SweepError, match="unknown diagnostic 'ckaa'; expected one of cka, probe, estimators"):
+        diagnostic_kinds(SimpleNamespace(diagnostics="ckaa"), SCALES["demo"])
+
+
 def test_searcher_releases_a_diagnostic_after_all_its_nets_and_a_base_only_after_it():
     from ray.tune.search import Searcher
 
