@@ -49,7 +49,7 @@ SCALES = {
     "smoke": Scale("smoke", SyntheticSpec(superclasses_per_family=2, classes_per_superclass=3, train_per_class=60,
                                           val_per_class=20),
                    diagnostic_settings=DiagnosticSettings(val_images=100, train_images=300, batch_size=50)),
-    # demo: on, measured at about a minute of CPU per split x seed (benchmarks/RESULTS.md)
+    # demo: on; measured at 5-12 s of CPU per split x seed (benchmarks/RESULTS.md)
     "demo": Scale("demo", SyntheticSpec(classes_per_superclass=3, train_per_class=160), diagnostics=ALL_DIAGNOSTICS),
     # paper/fast: off unless asked; cheap beside the networks (forward passes of a few thousand images)
     "paper": Scale("paper", None, (0, 1, 2, 3)),
