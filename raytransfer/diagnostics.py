@@ -11,8 +11,10 @@ Pure numpy / scikit-learn / scipy, no torch, no Ray; raytransfer/features.py sup
   fixed-point evidence maximisation of their Algorithm 1; PyPI's `logme` is an unrelated logging
   package, so it is written here after the authors' reference code, github.com/thuml/LogME), LEEP
   (Nguyen et al. 2020).
-No maintained CKA package implements the minibatch estimator over our feature stream (torch-cka
-was last released in 2021), and each formula is a few lines; the tests check them on known values.
+The CKA packages on PyPI (cka-pytorch, pytorch-cka, ckatorch; torch-cka, last released 2021) each drive
+two models and a torch DataLoader through their own hooks and say they are for academic use; here one
+diagnostic compares up to 30 nets on FFCV loaders, layer pair by layer pair, from Gram matrices kept per
+minibatch. Each formula is a few lines, so they are written here and checked on known values in the tests.
 
     acc = CKAAccumulator(); acc.add("A/conv1", "B/conv1", gram(xa), gram(xb)); acc.cka("A/conv1", "B/conv1")
     logme(features, labels); h_score(features, labels); leep(source_probs, labels)
