@@ -22,6 +22,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from analysis import figures
+from analysis.diagnostics import diagnostic_figures, diagnostics_html, load_diagnostics
 from analysis.findings import convergence_summary, science_check
 from analysis.results import (BASE_TREATMENTS, METRIC, REDUCED, SETTING_COLUMNS, SPLIT_KINDS, TREATMENTS,
                               load_curves, load_rows, settings, split_label, with_base)
@@ -105,7 +106,7 @@ def build_report(results_dir: Path, out_dir: Path | None = None, dataset: str | 
     rows = load_rows(results_dir)
     return build_report_from_rows(rows, load_curves(results_dir), out_dir or results_dir,
                                   source=str(results_dir), dataset=dataset, arch=arch, recipe=recipe,
-                                  progress=sweep_progress(results_dir))
+                                  progress=sweep_progress(results_dir), diagnostics=load_diagnostics(results_dir))
 
 
 def sweep_progress(results_dir: Path) -> str | None:
@@ -156,8 +157,9 @@ def build_figures(rows: pd.DataFrame, curves: pd.DataFrame, paper: pd.DataFrame 
 
 def build_report_from_rows(rows: pd.DataFrame, curves: pd.DataFrame, out_dir: Path, source: str,
                            dataset=None, arch=None, recipe=None, paper_overlay: bool = True,
-                           progress: str | None = None) -> Path:
-    """Build every output from rows of the results table (already normalised)."""
+                           progress: str | None = None, diagnostics: tuple | None = None) -> Path:
+    """Build every output from rows of the results table (already normalised); `diagnostics`:
+    (diagnostics rows, transferability summary) of analysis.diagnostics.load_diagnostics, if any."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, notes = pick_setting(rows, dataset, arch, recipe)
@@ -182,9 +184,16 @@ def build_report_from_rows(rows: pd.DataFrame, curves: pd.DataFrame, out_dir: Pa
                  lambda p: p.write_text(json.dumps({**check, "convergence": convergence}, indent=2) + "\n"))
     for name, fig in figs.items():
         atomic_write(out_dir / f"{name}.html", lambda p: fig.write_html(p, include_plotlyjs=True, config=PLOT_CONFIG))
+    section = ""
+    diag, tau = diagnostics or (None, None)
+    if diag is not None:
+        diag_figs = diagnostic_figures(diag, tau, rows)
+        for name, fig in diag_figs.items():
+            atomic_write(out_dir / f"{name}.html", lambda p: fig.write_html(p, include_plotlyjs=True, config=PLOT_CONFIG))
+        section = diagnostics_html(diag_figs, diag, tau, _div)
     notes += missing_notes(rows, curves) + [export_static(figs, out_dir)]
 
-    page = render_page(figs, check, rows, notes, source, progress, convergence)
+    page = render_page(figs, check, rows, notes, source, progress, convergence, section)
     path = out_dir / "report.html"
     atomic_write(path, lambda p: p.write_text(page, encoding="utf-8"))   # a reader never sees half a page
     log.info("wrote %s (%d networks)", path, len(rows))
@@ -273,8 +282,8 @@ def convergence_html(convergence: dict | None) -> str:
     elif short:
         state = (f'<span class="answer-no">{len(short)} of {convergence["bases_with_rule"]} bases did not converge'
                  f"</span> ({html.escape(', '.join(short[:4]))}{' …' if len(short) > 4 else ''}): every comparison "
-                 "against them is not meaningful and is left out of the findings. Train longer: raise the recipe's "
-                 "epochs (--set epochs=...) or let each net train until its plateau (--until-plateau).")
+                 "against them is not meaningful and is left out of the findings. Train longer: let each net "
+                 "train until its plateau (--until-plateau MAX_EPOCHS), or use a recipe with more epochs.")
     else:
         state = f'all {convergence["bases_with_rule"]} bases converged.'
     gain = convergence.get("second_schedule_gain")
@@ -295,7 +304,7 @@ def _div(fig: go.Figure, name: str, post_script: str | None = None) -> str:
 
 
 def render_page(figs: dict[str, go.Figure], check: dict, rows: pd.DataFrame, notes: list[str], source: str,
-                progress: str | None = None, convergence: dict | None = None) -> str:
+                progress: str | None = None, convergence: dict | None = None, diagnostics_section: str = "") -> str:
     """The whole report as one HTML string, plotly.js inlined once."""
     created = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     note_items = "".join(f"<li>{html.escape(note)}</li>" for note in notes if note)
@@ -323,6 +332,7 @@ best validation evaluations) · built {html.escape(created)}</p>
 {_div(figs["fig3_table1"], "fig3_table1")}
 {_div(figs["fig4_layer_effects"], "fig4_layer_effects")}
 {_div(figs[REDUCED_FIGURE], REDUCED_FIGURE) if REDUCED_FIGURE in figs else ""}
+{diagnostics_section}
 <section class="notes"><h2>What the rows allow</h2>{coverage_html(rows)}<ul>{note_items}</ul>
 <p>Methods. "Its base": the base network trained on the row's target half with the same split and
 training seed; random_frozen is compared with the base of its own target half (netbase, the net on all

@@ -24,3 +24,24 @@ def plateau_rise(history, total_steps: int) -> float:
         values = [h["val_top1"] for h in history if low * total_steps < h["step"] <= high * total_steps]
         return sum(values) / len(values) if values else float("nan")
     return window(0.9, 1.0) - window(0.7, 0.8)
+
+
+PLATEAU_PATIENCE = 3       # epochs a learning-rate level is judged over (--until-plateau)
+
+
+def plateau_state(epoch_top1: list, decays: int, patience: int = PLATEAU_PATIENCE) -> tuple[int, bool]:
+    """--until-plateau's schedule from each finished epoch's validation top-1: (learning-rate level = decays
+    so far, stop?). A level has plateaued once the mean of its last `patience` epochs is less than
+    PLATEAU_POINTS above the mean of the `patience` before them; then the rate decays, and after `decays`
+    decays training stops. A pure function of the curve, so a resumed trial takes the same path."""
+    level, start = 0, 0
+    for end in range(1, len(epoch_top1) + 1):
+        seen = epoch_top1[start:end]
+        if len(seen) < 2 * patience:
+            continue
+        recent, before = seen[-patience:], seen[-2 * patience:-patience]
+        if sum(recent) / patience - sum(before) / patience < PLATEAU_POINTS:
+            if level == decays:
+                return level, True
+            level, start = level + 1, end
+    return level, False

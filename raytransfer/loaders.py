@@ -31,6 +31,7 @@ os.environ.setdefault("NUMBA_THREADING_LAYER", "tbb")   # workqueue aborts with 
 import numpy as np
 import torch
 
+from . import memory_loader
 from .prepare import CORRUPT_LABEL, DatasetError, label_column, mean_image, read_manifest, verify_betons
 
 log = logging.getLogger(__name__)
@@ -190,10 +191,12 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
                        device: torch.device, seed: int, num_workers: int = 1, distributed: bool = False,
                        val_batch_size: int | None = None, expect_fingerprint: str | None = None,
                        batches_ahead: int = 2, normalize: str = "mean_std", mean_classes: list[str] | None = None,
-                       per_class: int | None = None) -> HalfLoaders:
+                       per_class: int | None = None, input: str = "ffcv") -> HalfLoaders:
     """Train and val loaders over the half's classes of a prepared dataset folder.
     normalize 'mean_image': minus the mean training image of `mean_classes` (the base's dataset; default the
-    half's own). per_class: train on the first k training images of each class only (reduced volume)."""
+    half's own). per_class: train on the first k training images of each class only (reduced volume).
+    input 'memory': the decoded half held in memory, cropped in torch (raytransfer/memory_loader.py) where
+    that applies; else FFCV."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     verify_betons(data_dir, manifest)
@@ -224,7 +227,12 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
     world, rank = 1, 0
     if distributed:
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    loaders = {}
+    in_memory = (input == "memory" and crop.kind == "paper" and window == crop.size and normalize == "mean_std"
+                 and world == 1 and memory_loader.fits(manifest))
+    if input == "memory" and not in_memory:
+        log.info("input 'memory' applies to exact-pixel paper crops, mean/std input, one worker and datasets "
+                 "under %d MB decoded: this trial reads through FFCV", memory_loader.MAX_BYTES >> 20)
+    loaders, ids_of = {}, {}
     for split in ("train", "val"):
         beton = data_dir / manifest["betons"][split]["file"]
         labels = label_column(beton)
@@ -237,10 +245,18 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
                                    f"training images, fewer than one batch of {batch_size}")
         if split == "val" and world > 1:
             ids = ids[rank::world]              # disjoint shards, no sampler padding
+        ids_of[split] = (beton, ids, lut)
+        if in_memory:
+            continue
         loaders[split] = _ffcv_loader(beton, ids, lut, split == "train", crop, stored, window, manifest,
                                       batch_size if split == "train" else (val_batch_size or batch_size),
                                       device, seed, num_workers, distributed and split == "train", batches_ahead,
                                       caffe_mean, crop_seed=seed * 1009 + rank)     # each rank its own crops
+    if in_memory:
+        (train_beton, train_ids, lut), (val_beton, val_ids, _) = ids_of["train"], ids_of["val"]
+        loaders["train"], loaders["val"] = memory_loader.memory_half(
+            train_beton, val_beton, train_ids, val_ids, lut, stored, crop.size, manifest["mean"], manifest["std"],
+            batch_size, val_batch_size or batch_size, seed, device)
     return HalfLoaders(loaders["train"], loaders["val"], len(half_labels), [c for c in sorted(half_class_ids)])
 
 
@@ -252,6 +268,26 @@ def first_per_class(ids: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     ranked = lab[order]
     rank = np.arange(len(ids)) - np.searchsorted(ranked, ranked, side="left")
     return np.sort(ids[order[rank < k]])
+def build_eval_loader(data_dir, half_class_ids: list[str], crop: CropSpec, split: str, batch_size: int,
+                      device: torch.device, max_images: int | None = None, sample_seed: int = 0,
+                      num_workers: int = 1) -> HalfLoader:
+    """Centre crops of a half's `split` images ("train" or "val"), in a fixed order, no augmentation:
+    what the diagnostics read. At most `max_images` of them, a subsample drawn with `sample_seed`, so
+    every net of a diagnostic sees the same images in the same batches."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    label_of = {c["id"]: c["index"] for c in manifest["classes"]}
+    half_labels = sorted(label_of[c] for c in half_class_ids)
+    beton = data_dir / manifest["betons"][split]["file"]
+    labels = label_column(beton)
+    ids, lut = half_indices(labels, half_labels)
+    ids = ids[labels[ids] != CORRUPT_LABEL]
+    if max_images is not None and len(ids) > max_images:
+        ids = np.sort(np.random.default_rng(sample_seed).choice(ids, max_images, replace=False))
+    stored = manifest["settings"]["resolution"]
+    window = crop_window(stored, crop, data_dir)
+    return _ffcv_loader(beton, ids, lut, False, crop, stored, window, manifest, batch_size, device, sample_seed,
+                        num_workers, False, 2)
 
 
 def _ffcv_loader(beton, ids, lut, train, crop, stored, window, manifest, batch_size, device, seed, num_workers,

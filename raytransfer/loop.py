@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .convergence import PLATEAU_POINTS, plateau_rise
+from .convergence import PLATEAU_POINTS, plateau_rise, plateau_state
 from .models import TransferableNet
 from .recipes import Recipe
 
@@ -60,8 +60,10 @@ def make_optimizer(model: TransferableNet, recipe: Recipe, copied_layers=()) -> 
 
 
 def train_one_epoch(model, optimizer, loader, device, recipe: Recipe, step: int, total_steps: int,
-                    autocast, log_every: int = 0, epoch: int = 0, stop_step: int | None = None) -> tuple[dict, int]:
-    """One pass over the train loader (or up to `stop_step`); returns (metrics, next step)."""
+                    autocast, log_every: int = 0, epoch: int = 0, stop_step: int | None = None,
+                    lr_factor: float = 1.0) -> tuple[dict, int]:
+    """One pass over the train loader (or up to `stop_step`); returns (metrics, next step). `lr_factor`:
+    the --until-plateau level's decay on top of the recipe's rate."""
     stop_step = total_steps if stop_step is None else stop_step
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -69,7 +71,7 @@ def train_one_epoch(model, optimizer, loader, device, recipe: Recipe, step: int,
     for images, labels in loader:
         if step >= stop_step:
             break
-        lr = recipe.lr_at(step, total_steps)
+        lr = recipe.lr_at(step, total_steps) * lr_factor
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         if recipe.channels_last:
@@ -126,10 +128,17 @@ def fit(model, recipe: Recipe, loaders, device, state: dict | None = None, repor
         history, start_epoch, step = list(state["history"]), state["epoch"] + 1, state["step"]
     steps_per_epoch = max(1, len(loaders.train))
     total_steps = recipe.total_steps(steps_per_epoch * recipe.batch_size)
+    if recipe.until_plateau:                           # until the plateau, at most the cap
+        total_steps = recipe.until_plateau * steps_per_epoch
     epochs = -(-total_steps // steps_per_epoch)
-    use_bf16 = recipe.bf16 and device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    lr_factor = 1.0
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if recipe.bf16 else nullcontext
     for epoch in range(start_epoch, epochs):
+        if recipe.until_plateau:
+            level, stop = plateau_state(epoch_top1(history), decays=len(recipe.milestones))
+            if stop:
+                break
+            lr_factor = recipe.gamma ** level
         set_epoch(loaders.train, epoch)
         metrics = {"epoch": epoch, "epochs": epochs, "train_loss": 0.0, "lr": 0.0}
         seen = secs = 0.0
@@ -140,7 +149,7 @@ def fit(model, recipe: Recipe, loaders, device, state: dict | None = None, repor
                 if step >= chunk_end:
                     continue
                 m, step = train_one_epoch(model, optimizer, itertools.islice(batches, chunk_end - step), device,
-                                          recipe, step, total_steps, autocast, log_every, epoch, chunk_end)
+                                          recipe, step, total_steps, autocast, log_every, epoch, chunk_end, lr_factor)
                 total = seen + m["train_images"]
                 metrics["train_loss"] = (metrics["train_loss"] * seen + m["train_loss"] * m["train_images"]) / max(1, total)
                 seen, secs, metrics["lr"] = total, secs + m["train_s"], m["lr"]
@@ -155,9 +164,10 @@ def fit(model, recipe: Recipe, loaders, device, state: dict | None = None, repor
             report(metrics, {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                              "step": step, "history": list(history)})
     top1s = [h["val_top1"] for h in history]
-    rise = plateau_rise(history, total_steps)
+    rise = plateau_rise(history, step if recipe.until_plateau else total_steps)
     return {"top1_final": history[-1]["val_top1"], "top5_final": history[-1]["val_top5"],
-            "top1_best10": best_k_mean(top1s, 10), "epochs": epochs, "steps": step, "evaluations": len(history),
+            "top1_best10": best_k_mean(top1s, 10), "epochs": history[-1]["epoch"] + 1 if recipe.until_plateau else epochs,
+            "steps": step, "evaluations": len(history),
             "plateau_rise": rise, "converged": bool(rise < PLATEAU_POINTS) if rise == rise else None}
 
 
@@ -179,8 +189,19 @@ def evaluates_at(recipe: Recipe, step: int, total_steps: int) -> bool:
     return every is None or step % every == 0 or step == total_steps
 
 
+def epoch_top1(history) -> list[float]:
+    """Each finished epoch's mean validation top-1, in order (what --until-plateau judges)."""
+    by_epoch = {}
+    for h in history:
+        by_epoch.setdefault(h["epoch"], []).append(h["val_top1"])
+    return [sum(v) / len(v) for _, v in sorted(by_epoch.items())]
+
+
 def set_epoch(loader, epoch: int):
     """Fix the data order of `epoch` (FFCV orders by seed + epoch), also after a resume."""
+    if hasattr(loader, "set_epoch"):                 # the in-memory loader (memory_loader.py)
+        loader.set_epoch(epoch)
+        return
     inner = getattr(loader, "loader", None)
     if inner is not None and hasattr(inner, "next_epoch"):
         inner.next_epoch = epoch

@@ -88,11 +88,12 @@ class CrossChannelLRN(nn.Module):
         return x / (self.k + F.conv2d(x * x, self.band.to(x.dtype))).pow(self.beta)
 
 
-def _geometry(resolution: int):
+def _geometry(resolution: int, stem_stride: int = 1):
     """conv1 (kernel, stride, pad) and the pool size for a given input resolution."""
     if resolution >= 160:
         return (11, 4, 0), 3          # the paper's 227 px stem: 227 -> 55 -> 27 -> 13 -> 6
-    return (5, 1, 2), 3               # small images (28-64 px): 32 -> 32 -> 15 -> 7 -> 3; 28 -> 28 -> 13 -> 6 -> 2
+    return (5, stem_stride, 2), 3     # small images (28-64 px): 32 -> 32 -> 15 -> 7 -> 3; 28 -> 28 -> 13 -> 6 -> 2;
+                                      # stride 2: 30 -> 15 -> 7 -> 3 -> 1
 
 
 class CaffeNet(TransferableNet):
@@ -105,14 +106,15 @@ class CaffeNet(TransferableNet):
     LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
     def __init__(self, num_classes: int, width: float = 1.0, resolution: int = 227,
-                 fc_width: float | None = None, init: str = "paper", dropout: float = 0.5, norm: str = "lrn"):
+                 fc_width: float | None = None, init: str = "paper", dropout: float = 0.5, norm: str = "lrn",
+                 stem_stride: int = 1):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
         self.norm = norm
         c = [max(2, 2 * round(w * width / 2)) for w in (96, 256, 384, 384, 256)]
         fc = max(8, round(4096 * (fc_width if fc_width is not None else width)))
-        (k1, s1, p1), pool = _geometry(resolution)
+        (k1, s1, p1), pool = _geometry(resolution, stem_stride)
         self.resolution = resolution
         self.conv1 = nn.Conv2d(3, c[0], k1, s1, p1)
         self.norm1 = CrossChannelLRN(c[0])
@@ -126,6 +128,9 @@ class CaffeNet(TransferableNet):
         side = (side + 2 * p1 - k1) // s1 + 1
         for _ in range(3):
             side = (side - pool) // 2 + 1
+        if side < 1:
+            raise ValueError(f"CaffeNet at {resolution} px with conv1 stride {s1}: the three poolings leave no "
+                             "pixel for fc6; use larger crops (stride 2 needs at least 30 px)")
         self.fc6 = nn.Linear(c[4] * side * side, fc)
         self.fc7 = nn.Linear(fc, fc)
         self.fc8 = nn.Linear(fc, num_classes)
@@ -232,11 +237,11 @@ def layer_names(arch: str) -> tuple[str, ...]:
 
 def build_model(arch: str, num_classes: int, width: float = 1.0, resolution: int | None = None,
                 fc_width: float | None = None, init: str | None = None, dropout: float = 0.5,
-                norm: str = "lrn") -> TransferableNet:
+                norm: str = "lrn", stem_stride: int = 1) -> TransferableNet:
     """The one constructor used by transfer surgery, the loop and the CLI."""
     if arch == "caffenet":
         return CaffeNet(num_classes, width=width, resolution=resolution or 227, fc_width=fc_width,
-                        init=init or "paper", dropout=dropout, norm=norm)
+                        init=init or "paper", dropout=dropout, norm=norm, stem_stride=stem_stride)
     if arch == "resnet18":
         return ResNet18(num_classes, width=width, resolution=resolution or 224)
     raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")

@@ -22,6 +22,7 @@ class Recipe:
     fc_width: float | None = None      # fc6/fc7 multiplier; defaults to width
     init: str = "paper"                # 'paper' (Caffe's N(0, 0.01)...) or 'kaiming'
     dropout: float = 0.5               # on fc6/fc7 (paper: 0.5, kept on when those layers are frozen)
+    stem_stride: int = 1               # CaffeNet below 160 px: conv1's stride (2: a quarter of the compute)
     norm: str = "lrn"                  # CaffeNet: 'lrn' (the paper's local response norm after conv1/conv2) or
                                        # 'batch' (batch norm in every layer but fc8: converges in a CPU budget)
     head_outputs: int | None = None    # fc8's outputs: None = one per class of the target (N-way); the paper:
@@ -32,6 +33,8 @@ class Recipe:
     crop_size: int = 227
     resize_size: int = 256             # side of the square image crops are cut from (paper: 256); a dataset
                                        # stored at another side is resized to it on the fly, in the loader
+    input: str = "ffcv"                # 'ffcv'; 'memory': a small dataset decoded once and held in memory, the
+                                       # same crop in torch (seeded), FFCV's per-batch cost gone (CPU recipes)
     normalize: str = "mean_std"        # 'mean_std': (x - channel mean) / channel std; 'mean_image': x - the base
                                        # dataset's mean image at 0..255 scale, nothing divided (the paper)
     random_frozen_on: str = "half"     # random_frozen's target: 'half' (vs that half's base) or 'whole' (all
@@ -47,9 +50,9 @@ class Recipe:
     # schedule
     iterations: int | None = None      # fixed number of steps (paper: 450k) ...
     epochs: float | None = None        # ... or a number of passes over the target half
-    scratch_epochs: float | None = None  # passes for nets that start from nothing (bases, scratch, netbase) when
-                                         # they need more than nets that start from a converged base's layers
-    schedule: str = "step"             # 'step': x gamma at `milestones`; 'cosine'
+    schedule: str = "step"             # 'step': x gamma at `milestones`; 'cosine'; 'plateau' (--until-plateau)
+    until_plateau: int | None = None   # 'plateau': train until validation top-1 plateaus, x gamma, again, stop after
+                                       # len(milestones) decays; at most this many epochs (the cap)
     milestones: tuple = (100 / 450, 200 / 450, 300 / 450, 400 / 450)   # paper: 100k..400k of 450k
     gamma: float = 0.1
     warmup_fraction: float = 0.0
@@ -59,12 +62,6 @@ class Recipe:
     bf16: bool = False                 # autocast on CUDA
     channels_last: bool = False
     compile: bool = False
-
-    def for_treatment(self, treatment: str) -> "Recipe":
-        """The recipe a job of `treatment` trains with: nets that start from nothing take scratch_epochs."""
-        if self.scratch_epochs and treatment in FROM_NOTHING:
-            return replace(self, epochs=self.scratch_epochs)
-        return self
 
     def total_steps(self, train_samples: int) -> int:
         if self.iterations:
@@ -78,13 +75,18 @@ class Recipe:
             return self.lr * (frac / self.warmup_fraction)
         if self.schedule == "step":
             return self.lr * self.gamma ** sum(frac >= m for m in self.milestones)
+        if self.schedule == "plateau":           # the loop lowers it level by level (convergence.plateau_state)
+            return self.lr
         if self.schedule == "cosine":
             w = self.warmup_fraction
             return self.lr * 0.5 * (1 + math.cos(math.pi * (frac - w) / max(1e-9, 1 - w)))
-        raise ValueError(f"unknown schedule {self.schedule!r}; expected 'step' or 'cosine'")
+        raise ValueError(f"unknown schedule {self.schedule!r}; expected 'step', 'cosine' or 'plateau'")
 
     def check(self):
         """One clear error for a recipe that cannot train (e.g. an override through --set or a sweep file)."""
+        if (self.schedule == "plateau") != bool(self.until_plateau) or (self.until_plateau or 0) < 0:
+            raise ValueError(f"recipe {self.name}: schedule 'plateau' goes with until_plateau = the most epochs a "
+                             "net may train (--until-plateau EPOCHS sets both)")
         if not 0 < self.crop_size <= self.resize_size:
             raise ValueError(f"recipe {self.name}: crop_size {self.crop_size} must be in 1..resize_size "
                              f"({self.resize_size}): crops are cut from the resize_size square")
@@ -101,7 +103,8 @@ class Recipe:
     def arch_kwargs(self, resolution: int | None = None) -> dict:
         kw = {"width": self.width, "resolution": resolution or self.crop_size}
         if self.arch == "caffenet":
-            kw.update(fc_width=self.fc_width, init=self.init, dropout=self.dropout, norm=self.norm)
+            kw.update(fc_width=self.fc_width, init=self.init, dropout=self.dropout, norm=self.norm,
+                      stem_stride=self.stem_stride)
         return kw
 
     def to_dict(self) -> dict:
@@ -123,11 +126,11 @@ class Recipe:
 
 
 NORMALIZE = ("mean_std", "mean_image")
-FROM_NOTHING = ("baseA", "baseB", "scratch", "netbase")     # treatments whose every layer starts at its init
 # Fields added after job keys existed, at the value that reproduces the behaviour every recipe had before
 # them: left out of a key there, so only recipes that set them get new keys. A field added later joins here.
 KEY_NEUTRAL_DEFAULTS = {"normalize": "mean_std", "head_outputs": None, "eval_every_iters": None,
-                     "independent_bases": False, "random_frozen_on": "half", "norm": "lrn", "scratch_epochs": None}
+                     "independent_bases": False, "random_frozen_on": "half", "norm": "lrn",
+                     "until_plateau": None, "input": "ffcv", "stem_stride": 1}
 # The paper's protocol, item by item (docs/paper_protocol.md): mean image at 0..255, 1000-way fc8, independent
 # bases, a test every 1000 iterations, random frozen layers on all classes against netbase.
 PAPER = dict(normalize="mean_image", head_outputs=1000, independent_bases=True, eval_every_iters=1000,
@@ -143,18 +146,20 @@ RECIPES = {
     # warm-up, label smoothing, random-resized crops, a cosine schedule over 30 epochs.
     "fast": Recipe("fast", crop="rrc", batch_size=1024, lr=0.04, epochs=30, schedule="cosine",
                    warmup_fraction=0.05, label_smoothing=0.1, bf16=True, channels_last=True, compile=True),
-    # CPU-sized: the same 8 named layers at 1/8 width on 28 px crops of 32 px images (the synthetic images'
+    # CPU-sized: the same 8 named layers at 1/8 width on 30 px crops of 32 px images (the synthetic images'
     # own size; other datasets are resized to 32 px in the loader), trained to convergence in a CPU budget
     # (measured, benchmarks/RESULTS.md): batch norm in place of LRN (with LRN the net was still rising after
-    # 40 epochs), no dropout (it stalls learning at this width), a cosine schedule at lr 0.05. Nets that start
-    # from nothing (bases, scratch) train 36 epochs, nets that start from a converged base's layers 12 (each
-    # records whether it converged); 3 evaluations an epoch so the 10 best lie on the plateau.
-    "demo": Recipe("demo", width=0.125, fc_width=0.0625, init="kaiming", dropout=0.0, norm="batch", crop_size=28,
-                   resize_size=32, batch_size=32, lr=0.05, schedule="cosine", warmup_fraction=0.05, epochs=12,
-                   scratch_epochs=36, evals_per_epoch=3, channels_last=True),
-    # For tests and trying things out: the demo net, a few epochs (not converged: a smoke test of the code).
+    # 40 epochs), no dropout (it stalls learning at this width), conv1 at stride 2 and the half held in
+    # memory (together 2x the throughput); 64 epochs of a small half (the demo's 576 images) with x0.1 at
+    # 50 % and 70 %: validation top-1 flat over the last 30 %, and a second full schedule from a base's own
+    # weights gains 2-3 points (each net records its plateau: raytransfer/convergence.py).
+    "demo": Recipe("demo", width=0.125, fc_width=0.0625, init="kaiming", dropout=0.0, norm="batch", stem_stride=2,
+                   input="memory", crop_size=30, resize_size=32, batch_size=32, lr=0.05, warmup_fraction=0.05,
+                   epochs=64, milestones=(0.5, 0.7), evals_per_epoch=1, channels_last=True),
+    # For tests and trying things out: the demo's layers, a few epochs (not converged: a smoke test of the
+    # code), at conv1 stride 1 on 28 px crops read through FFCV: the input path real datasets take.
     "smoke": Recipe("smoke", width=0.125, fc_width=0.0625, init="kaiming", dropout=0.0, norm="batch", crop_size=28,
-                    resize_size=32, batch_size=32, lr=0.05, schedule="cosine", warmup_fraction=0.05, epochs=3,
+                    resize_size=32, batch_size=32, lr=0.05, warmup_fraction=0.05, epochs=3, milestones=(0.7,),
                     evals_per_epoch=2, channels_last=True),
 }
 

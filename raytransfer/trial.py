@@ -51,7 +51,7 @@ def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, 
     """Train the trial's network on its target half; returns metrics and the final weights."""
     t0 = time.time()
     treatment, n, seed = spec["treatment"], int(spec["n"]), int(spec["seed"])
-    recipe = recipe_from_dict(spec["recipe"]).for_treatment(treatment)
+    recipe = recipe_from_dict(spec["recipe"])
     mode = MODE_OF[treatment]
     num_classes = head_size(recipe, len(spec["target_classes"]))
     net = build_trial_network(recipe.arch, num_classes, base_state, n, mode,
@@ -72,7 +72,8 @@ def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, 
                                  batch_size=recipe.batch_size // (torch.distributed.get_world_size() if distributed else 1),
                                  device=device, seed=seed, num_workers=num_workers, distributed=distributed,
                                  expect_fingerprint=spec.get("dataset_fingerprint"), normalize=recipe.normalize,
-                                 mean_classes=spec.get("mean_classes"), per_class=spec.get("k") or None)
+                                 mean_classes=spec.get("mean_classes"), per_class=spec.get("k") or None,
+                                 input=recipe.input)
     copied = [l.name for l in unwrap(net).layer_table()[:n]] if mode == "finetune" else ()
     epoch_log = [] if resume_state is None else list(resume_state.get("epoch_log", []))
 

@@ -292,3 +292,74 @@ def test_axis_names_the_tables_layers_and_split_files_get_their_own_series():
     assert "3<br>layer1.1" in axis.ticktext and "9<br>layer4.1" in axis.ticktext and "2" in axis.ticktext
     assert not [t for t in axis.ticktext if "conv" in t or "fc" in t]
     assert {t.name for t in fig.data if t.meta == "sweep"} >= {"AnB, split mine", "AnB, split other"}
+
+
+def diagnostic_tables(tmp_path: Path) -> Path:
+    """A results table (two split kinds, bases + AnB/AnB+ at n = 1..3) with its diagnostics.csv and
+    transferability.json, as the sweep writes them: CKA falls with depth, faster on the dissimilar split."""
+    layers = ["conv1", "conv2", "conv3", "fc4"]
+    rows, diag = [], []
+    for kind, drop in (("similar", 0.1), ("dissimilar", 0.25)):
+        rows += [make_row(f"{kind}-baseA", "baseA", "A", value=0.6, split_kind=kind),
+                 make_row(f"{kind}-baseB", "baseB", "B", value=0.7, split_kind=kind)]
+        for n in (1, 2, 3):
+            for treatment in ("AnB", "AnB+"):
+                rows.append(make_row(f"{kind}-{treatment}{n}", treatment, "B", n=n, value=0.7 - drop * n / 3
+                                     + (0.05 if "+" in treatment else 0), split_kind=kind, source="A"))
+        unit = {"split_kind": kind, "split_seed": 0, "split": kind, "seed": 0, "source_half": "A",
+                "target_half": "B", "job_key": f"{kind}-diag"}
+        for i, la in enumerate(layers, 1):
+            for j, lb in enumerate(layers, 1):
+                diag.append({**unit, "kind": "cka", "net_a": f"{kind}-baseA", "net_b": f"{kind}-baseB",
+                             "treatment": "baseA-baseB", "n": i, "layer_a": la, "layer_b": lb,
+                             "value": max(0.0, 1 - drop * (i + j) - 0.1 * abs(i - j))})
+            for n in (1, 2, 3):
+                diag.append({**unit, "kind": "cka", "net_a": f"{kind}-AnB{n}", "net_b": f"{kind}-baseA",
+                             "treatment": "AnB", "n": n, "layer_a": la, "layer_b": la,
+                             "value": 1.0 if i <= n else 0.5})
+            if i < len(layers):
+                for estimator, value in (("probe", 0.7 - drop * i / 3), ("hscore", 3 - i), ("logme", -0.2 * i)):
+                    diag.append({**unit, "kind": estimator, "net_a": f"{kind}-baseA", "net_b": "", "treatment": "baseA",
+                                 "n": i, "layer_a": la, "layer_b": "", "value": value})
+        diag.append({**unit, "kind": "leep", "net_a": f"{kind}-baseA", "net_b": "", "treatment": "baseA", "n": None,
+                     "layer_a": "fc4", "layer_b": "", "value": -1.0 - drop})
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    pd.DataFrame(diag).to_csv(tmp_path / "diagnostics.csv", index=False)
+    estimators = {e: {t: {"tau": 0.6, "p_value": 0.04, "points": 6} for t in ("AnB", "AnB+")}
+                  for e in ("hscore", "logme", "leep", "probe")}
+    (tmp_path / "transferability.json").write_text(json.dumps({"metric": "top1_best10", "estimators": estimators}))
+    return tmp_path
+
+
+def test_report_draws_the_diagnostics_in_headless_chromium(tmp_path):
+    from analysis.diagnostics import DIAGNOSTIC_FILES
+
+    report = build_report(diagnostic_tables(tmp_path))
+    page = report.read_text()
+    assert 'id="diagnostics"' in page and 'id="transferability"' in page and "τ = +0.60" in page
+    for name in DIAGNOSTIC_FILES:
+        assert (tmp_path / f"{name}.html").is_file()
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is absent (Debian's chromium package; scripts/setup.sh installs it)")
+    probe_tail = """<script>setTimeout(function () {
+  var out = document.createElement('pre'); out.id = 'probe';
+  out.textContent = JSON.stringify({errors: window.reportErrors});
+  document.body.appendChild(out);
+}, 3000);</script>"""
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", probe_tail + "</body>", 1))
+    run = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--window-size=1400,2000",
+         "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = run.stdout
+    probe = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    assert probe, "the probe never ran: the page did not finish drawing\n" + run.stderr[-2000:]
+    assert json.loads(html.unescape(probe.group(1)))["errors"] == []
+    slices = _dom_slices(dom, list(DIAGNOSTIC_FILES))
+    assert slices["diag1_cka_layers"].count('class="hm"') == 2 == slices["diag1_cka_layers"].count("<image")   # 2 kinds
+    assert slices["diag2_cka_transfers"].count('class="trace scatter') == 6          # 3 n x 2 split kinds
+    assert slices["diag3_probe"].count('class="trace scatter') == 6                  # probe, AnB, AnB+ x 2 kinds
+    assert slices["diag4_estimators"].count('class="trace scatter') == 2 * 4 * 2     # 2 treatments x 4 x 2 kinds
+    assert "τ = +0.60" in slices["diag4_estimators"]

@@ -108,3 +108,17 @@ def test_plateau_rise_reads_the_last_fifth_of_the_curve():
     flat = history([0.1, 0.5, 0.7, 0.8, 0.82, 0.83, 0.84, 0.845, 0.846, 0.848])
     assert plateau_rise(flat, 100) < PLATEAU_POINTS
     assert math.isnan(plateau_rise(history([0.5]), 100))
+
+
+def test_until_plateau_decays_at_each_plateau_and_stops_after_the_last():
+    from raytransfer.convergence import plateau_state
+
+    rising = [0.1 * e for e in range(10)]
+    assert plateau_state(rising, decays=2, patience=3) == (0, False)
+    # flat from epoch 6 on: the first level plateaus at the end of epoch 6 (mean of 4..6 vs 1..3 is higher
+    # by 0.3, so not yet); then 3 + 3 more flat epochs per level
+    flat = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6] + [0.6] * 6
+    level, stop = plateau_state(flat, decays=2, patience=3)
+    assert (level, stop) == (1, False)
+    assert plateau_state(flat + [0.6] * 6, decays=2, patience=3) == (2, False)
+    assert plateau_state(flat + [0.6] * 12, decays=2, patience=3) == (2, True)

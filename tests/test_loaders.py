@@ -273,3 +273,54 @@ def test_two_halves_sharing_a_compiled_loader_each_read_their_own_samples(xy):
     rest = [y.clone() for _, y in it_a]
     assert b_seen == set(other)
     assert sum(len(y) for y in [first] + rest) == a.val.num_samples
+
+
+# -- the in-memory input of the CPU recipes: the same half and crops as FFCV, seeded ------------------
+
+@pytest.fixture(scope="module")
+def memory(xy):
+    return build_half_loaders(xy[0], HALF, CropSpec("paper", CROP), batch_size=4, device=CPU, seed=0,
+                              val_batch_size=4, input="memory")
+
+
+def test_memory_input_reads_the_half_with_the_papers_crops(memory, loaders, xy):
+    from raytransfer.memory_loader import MemoryLoader
+
+    assert isinstance(memory.train, MemoryLoader) and isinstance(memory.val, MemoryLoader)
+    assert (len(memory.train), memory.train.num_samples, len(memory.val), memory.val.num_samples) == (4, 16, 2, 7)
+    ffcv_val = torch.cat([x.clone() for x, _ in loaders.val])
+    assert torch.allclose(torch.cat([x for x, _ in memory.val]), ffcv_val, atol=1e-5)   # centre crops, same pixels
+    assert [s for s, _ in epoch(memory.val, xy[1])] == [s for s, _ in epoch(loaders.val, xy[1])]
+    seen = []
+    for e in range(3):
+        memory.train.set_epoch(e)
+        got = epoch(memory.train, xy[1])
+        assert sorted((k, i) for (k, i, *_), _ in got) == expected_samples("train")   # each sample once
+        check_labels(got, xy[1], "train")
+        seen += got
+    crops = [s[2:] for s, _ in seen]
+    assert all(0 <= ox <= STORED - CROP and 0 <= oy <= STORED - CROP for ox, oy, _ in crops)
+    assert len({(ox, oy) for ox, oy, _ in crops}) >= 4 and {m for *_, m in crops} == {True, False}
+
+
+def test_memory_input_is_reproducible_from_the_seed_and_epoch(memory, xy):
+    def batches(loader, e):
+        loader.set_epoch(e)
+        return [(x.clone(), y.clone()) for x, y in loader]
+
+    again = build_half_loaders(xy[0], HALF, CropSpec("paper", CROP), batch_size=4, device=CPU, seed=0,
+                               input="memory")
+    other = build_half_loaders(xy[0], HALF, CropSpec("paper", CROP), batch_size=4, device=CPU, seed=1,
+                               input="memory")
+    first = batches(memory.train, 5)
+    for x, y in zip(first, batches(again.train, 5)):       # a resumed trial sees the same epoch
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+    for different in (batches(memory.train, 6), batches(other.train, 5)):
+        assert any(not torch.equal(x[0], y[0]) for x, y in zip(first, different))
+
+
+def test_memory_input_falls_back_to_ffcv_where_it_does_not_apply(xy):
+    from raytransfer.loaders import HalfLoader
+
+    rrc = build_half_loaders(xy[0], HALF, CropSpec("rrc", CROP), batch_size=4, device=CPU, seed=0, input="memory")
+    assert isinstance(rrc.train, HalfLoader)

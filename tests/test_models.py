@@ -149,7 +149,7 @@ def test_every_recipe_builds_either_architecture(recipe, arch):
 
     r = get_recipe(recipe, arch=arch)
     net = build_model(r.arch, 5, **r.arch_kwargs())
-    assert net(torch.zeros(1, 3, r.crop_size, r.crop_size)).shape == (1, 5)
+    assert net(torch.zeros(2, 3, r.crop_size, r.crop_size)).shape == (2, 5)      # 2: batch norm in train mode
     assert list(n_range(arch)) == list(range(1, len(net.layer_table())))
 
 
@@ -168,7 +168,7 @@ def test_batch_norm_caffenet_layers_own_their_norms_and_frozen_ones_stay_put():
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
     net.train()
     for _ in range(3):
-        loss = net(torch.randn(16, 3, 28, 28)).square().mean()
+        loss = net(torch.randn(16, 3, 30, 30)).square().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -177,8 +177,9 @@ def test_batch_norm_caffenet_layers_own_their_norms_and_frozen_ones_stay_put():
     assert not torch.equal(net.conv4_bn.running_mean, torch.zeros_like(net.conv4_bn.running_mean))
 
 
-def test_nets_that_start_from_nothing_train_the_recipes_scratch_epochs():
-    demo = get_recipe("demo")
-    assert demo.for_treatment("baseA").epochs == demo.for_treatment("scratch").epochs == demo.scratch_epochs
-    assert demo.for_treatment("AnB+").epochs == demo.for_treatment("random_frozen").epochs == demo.epochs
-    assert get_recipe("paper").for_treatment("baseA") == get_recipe("paper")
+def test_a_stride_2_stem_keeps_the_eight_layers_at_a_quarter_of_the_first_maps():
+    net = build_model("caffenet", 8, width=0.125, resolution=30, stem_stride=2)
+    assert net(torch.randn(2, 3, 30, 30)).shape == (2, 8)
+    assert net.conv1.stride == (2, 2) and list(layer_names("caffenet")) == [l.name for l in net.layer_table()]
+    with pytest.raises(ValueError, match="stride 2 needs at least 30 px"):
+        build_model("caffenet", 8, width=0.125, resolution=28, stem_stride=2)

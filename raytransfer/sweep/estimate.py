@@ -10,12 +10,15 @@ from ..step_costs import H100_BASE_IMG_PER_S, MEASURED_ARCH, relative_cost
 
 
 def job_images(recipe, train_images: int) -> int:
+    """Training images a job sees (--until-plateau: at most, its cap)."""
+    if recipe.until_plateau:
+        return recipe.until_plateau * (train_images // recipe.batch_size) * recipe.batch_size
     return recipe.total_steps(train_images) * recipe.batch_size
 
 
 def print_estimate(jobs, done: dict, recipe, dataset):
     """GPU-hours of the jobs still to run, at the H100 base speed (a lower bound: input can be slower)."""
-    todo = [j for j in jobs if j.key not in done]
+    todo = [j for j in jobs if j.key not in done and not j.is_diagnostic]   # diagnostics: forward passes only
     if recipe.arch != MEASURED_ARCH:
         print(f"estimate: none for {recipe.arch}: step speeds were measured for {MEASURED_ARCH} only "
               f"({len(todo)} jobs to run)")

@@ -42,6 +42,9 @@ SPLIT_KINDS = ("similar", "dissimilar")                              # built in;
 SPLIT_FILE = "file:"
 DIRECTIONS = {"AtoB": ("B",), "BtoA": ("A",), "both": ("B", "A")}   # -> target halves
 MIN_CLASSES_PER_HALF = 2                                             # top-1 over one class says nothing
+DIAGNOSTIC_PREFIX = "diag_"
+DIAGNOSTICS = {"cka": "diag_cka", "probe": "diag_probe", "estimators": "diag_estimators"}   # --diagnostics -> kind
+CKA_NETS = ("AnB", "AnB+", "BnB", "BnB+")                           # transferred nets compared with their base
 
 
 def n_range(arch: str) -> range:
@@ -70,17 +73,24 @@ class Job:
     split_sha256: str = ""
     layer: str = ""                           # layer n of the arch's table: the last one copied ("" at n = 0)
     k: int = 0                                # reduced_k: training images per class (0: all)
+    reads: tuple = ()                         # a diagnostic's inputs: the finished nets it reads
 
     @property
     def deps(self) -> tuple[str, ...]:
-        return (self.base_key,) if self.base_key else ()
+        """Every job that must be done before this one runs: its base, or the nets a diagnostic reads."""
+        return ((self.base_key,) if self.base_key else ()) + tuple(k for k in self.reads if k != self.base_key)
+
+    @property
+    def is_diagnostic(self) -> bool:
+        return self.treatment.startswith(DIAGNOSTIC_PREFIX)
 
     def row(self) -> dict:
         """The columns a results row takes from the job itself."""
         return {"job_key": self.key, "split_kind": self.split_kind, "split_seed": self.split_seed,
                 "split": self.split_label, "split_sha256": self.split_sha256, "seed": self.seed,
                 "treatment": self.treatment, "source_half": self.source_half or "", "target_half": self.target_half,
-                "n": self.n, "layer": self.layer, "base_job_key": self.base_key or "", "k": self.k}
+                "n": self.n, "layer": self.layer, "base_job_key": self.base_key or "", "k": self.k,
+                "deps": list(self.deps)}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -253,3 +263,62 @@ def _job(dataset, split, label, seed, recipe, treatment, source, target, n, base
     kind, split_seed = (WHOLE, 0) if split is None else (split.kind, split.seed or 0)
     return Job(key, treatment, kind, split_seed, seed, source, target, n, base_key, spec, split_label=label,
                split_sha256="" if split is None else split_sha, layer=layer_names(recipe.arch)[n - 1] if n else "", k=k)
+
+
+
+@dataclass(frozen=True)
+class DiagnosticSettings:
+    """How much of the target half a diagnostic reads; part of its key."""
+    val_images: int = 500          # target half's val images (CKA, probe scores), a fixed-seed subsample
+    train_images: int = 2000       # target half's train images (probe fits, estimators), centre crops
+    batch_size: int = 100          # CKA's minibatch (Nguyen et al. 2021) and the loaders' batch
+    probe_c: float = 1.0           # inverse L2 strength of the logistic-regression probes
+    probe_max_iter: int = 300
+    sample_seed: int = 0           # which images the subsamples take
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_diagnostic_jobs(jobs: list[Job], kinds, settings: DiagnosticSettings) -> list[Job]:
+    """Diagnostic jobs for the networks of a grid: per split x training seed x target half, `kinds` of
+    cka (reads both bases and every AnB/AnB+/BnB/BnB+ of that target), probe and estimators (read the
+    source base: baseA for target B). Their keys hash the keys of the nets they read, the kind and the
+    settings: same inputs, same key, computed once."""
+    bases = {(j.split_sha256, j.seed, j.target_half): j for j in jobs if j.treatment in ("baseA", "baseB")}
+    groups = {}
+    for j in jobs:
+        if j.is_diagnostic or j.treatment in ("baseA", "baseB") or j.base_key is None:
+            continue
+        groups.setdefault((j.split_sha256, j.seed, j.target_half), []).append(j)
+    out = []
+    for (sha, seed, target), members in groups.items():
+        source = "A" if target == "B" else "B"
+        if (sha, seed, "A") not in bases or (sha, seed, "B") not in bases:
+            continue
+        base_of = {h: bases[(sha, seed, h)] for h in ("A", "B")}
+        for kind in kinds:
+            treatment = DIAGNOSTICS[kind]
+            if kind == "cka":
+                nets = [base_of["A"], base_of["B"]] + [j for j in members if j.treatment in CKA_NETS]
+            else:
+                nets = [base_of[source]]
+            out.append(_diagnostic_job(treatment, nets, base_of[target], source, target, settings))
+    return out
+
+
+def _diagnostic_job(treatment, nets: list[Job], template: Job, source: str, target: str,
+                    settings: DiagnosticSettings) -> Job:
+    identity = {"kind": treatment, "nets": [n.key for n in nets], "target": target, "settings": settings.to_dict(),
+                "dataset": template.spec["dataset_fingerprint"]}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    recipe = template.spec["recipe"]
+    key = f"{template.key.split('-')[0]}-{treatment}-{target}-s{template.seed}-{recipe['name']}-{digest}"
+    row = {"split_kind": template.split_kind, "split_seed": template.split_seed, "split": template.split_label,
+           "seed": template.seed, "source_half": source, "target_half": target}
+    spec = {"job_key": key, "treatment": treatment, "n": 0, "seed": template.seed,
+            **{k: template.spec[k] for k in ("data_dir", "dataset_fingerprint", "target_classes", "recipe", "synthetic")},
+            "nets": [{"key": n.key, "treatment": n.treatment, "n": n.n, "base_key": n.base_key or ""} for n in nets],
+            "settings": settings.to_dict(), "row": row}
+    return Job(key, treatment, template.split_kind, template.split_seed, template.seed, source, target, 0, None, spec,
+               split_label=template.split_label, split_sha256=template.split_sha256, reads=tuple(n.key for n in nets))

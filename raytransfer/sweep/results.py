@@ -8,9 +8,15 @@ name of layer n in the arch's table, the last one copied (the report's axis labe
 class of a reduced_k job (0: all) and `images_per_class` the training images per class a job had.
 
     table = write_results(out_dir, jobs, store.completed())
+    write_diagnostics(out_dir, diagnostic_jobs, store.completed(), table)
+
+`diagnostics.csv` / `.parquet`: one row per measurement of the diagnostic jobs (kind cka | probe | hscore |
+logme | leep, split_kind, split_seed, seed, net_a, net_b (job keys; net_b empty where one net), layer_a,
+layer_b, value); `transferability.json`: Kendall's tau of each estimator against AnB and AnB+.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -56,6 +62,62 @@ def write_results(out_dir, jobs, records: dict, failed: dict | None = None) -> p
               for j in jobs for e in (records.get(j.key) or {}).get("metrics", {}).get("epoch_log", [])]
     _atomic(out_dir / "curves.csv", lambda p: pd.DataFrame(curves, columns=CURVE_COLUMNS).to_csv(p, index=False))
     return done
+
+
+DIAGNOSTIC_COLUMNS = ["kind", "split_kind", "split_seed", "split", "seed", "source_half", "target_half", "net_a", "net_b",
+                      "treatment", "n", "layer_a", "layer_b", "value", "job_key"]
+ESTIMATORS = ("hscore", "logme", "leep", "probe")       # each against the measured transfer curves
+MEASURED = ("AnB", "AnB+")
+MEASURED_METRIC = "top1_best10"                         # the paper's metric, as in the report
+
+
+def write_diagnostics(out_dir, jobs, records: dict, table: pd.DataFrame) -> pd.DataFrame | None:
+    """diagnostics.csv / .parquet (one row per measurement, from the done diagnostic jobs' records) and
+    transferability.json (Kendall's tau of each estimator against AnB and AnB+); None without diagnostics."""
+    if not jobs:
+        return None
+    out_dir = Path(out_dir)
+    rows = [r for j in jobs for r in (records.get(j.key) or {}).get("rows", [])]
+    diag = pd.DataFrame(rows, columns=DIAGNOSTIC_COLUMNS)
+    diag["net_b"] = diag["net_b"].fillna("")
+    diag["layer_b"] = diag["layer_b"].fillna("")
+    diag["n"] = pd.to_numeric(diag["n"], errors="coerce").astype("Int64")
+    _atomic(out_dir / "diagnostics.csv", lambda p: diag.to_csv(p, index=False))
+    _atomic(out_dir / "diagnostics.parquet", lambda p: diag.to_parquet(p, index=False))
+    summary = transferability(diag, table)
+    _atomic(out_dir / "transferability.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+    return diag
+
+
+def transferability(diag: pd.DataFrame, table: pd.DataFrame) -> dict:
+    """Could the transfer curve have been predicted without training it? For each estimator (and the
+    probe) and each measured treatment: Kendall's tau-b (and its p-value) between the estimator's value
+    at layer n and the measured accuracy of that treatment at n, over every n, split, training seed and
+    target half. LEEP scores the source net's softmax, one value per split x seed x target, so its tau
+    ranks splits only (its value ties across n)."""
+    from ..diagnostics import kendall_tau
+
+    unit = ["split_kind", "split_seed", "seed", "target_half"]
+    out = {"metric": MEASURED_METRIC, "over": "n x split x training seed x target half", "estimators": {}}
+    done = table[table["status"] == "done"] if "status" in table else table
+    for estimator in ESTIMATORS:
+        mine = diag[diag["kind"] == estimator]
+        if mine.empty:
+            continue
+        out["estimators"][estimator] = {}
+        for treatment in MEASURED:
+            measured = done[done["treatment"] == treatment][unit + ["n", MEASURED_METRIC]]
+            if estimator == "leep":                          # one value per unit: the same for every n
+                pairs = measured.merge(mine[unit + ["value"]], on=unit)
+            else:
+                pairs = measured.merge(mine[unit + ["n", "value"]].astype({"n": "int64"}), on=unit + ["n"])
+            tau, p, used = kendall_tau(pairs["value"], pairs[MEASURED_METRIC])
+            out["estimators"][estimator][treatment] = {"tau": _finite(tau), "p_value": _finite(p), "points": used}
+    return out
+
+
+def _finite(x: float):
+    return None if x != x else x                         # NaN -> null in JSON
 
 
 def _atomic(path: Path, write):

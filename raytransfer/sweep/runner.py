@@ -26,9 +26,9 @@ from ..recipes import Recipe, get_recipe
 from ..synthetic import SyntheticSpec
 from .errors import SweepError
 from .monitor import LiveReport, MLflowJobs
-from .jobs import (DIRECTIONS, PAPER_REDUCED_K, SPLIT_FILE, SPLIT_KINDS, TREATMENTS, Dataset, Job, build_jobs,
-                   describe_n_range, expand_axes, n_range)
-from .results import _atomic, write_results
+from .jobs import (DIAGNOSTICS, DIRECTIONS, PAPER_REDUCED_K, SPLIT_FILE, SPLIT_KINDS, TREATMENTS, Dataset,
+                   DiagnosticSettings, Job, build_diagnostic_jobs, build_jobs, describe_n_range, expand_axes, n_range)
+from .results import _atomic, write_diagnostics, write_results
 from .store import JobStore, _split_uri
 
 log = logging.getLogger("raytransfer.sweep")
@@ -41,14 +41,27 @@ class Scale:
     split_seeds: tuple = (0,)
     reduced_k: tuple = ()                  # reduced-volume jobs (images per class, 0: all) the grid gets by default
     train_seeds: tuple = (0,)              # training seeds the grid gets by default (--train-seeds overrides)
+    n: tuple | None = None                 # layers copied where the sweep file says "all" (None: every one)
+    diagnostics: tuple = ()                # --diagnostics by default at this scale
+    diagnostic_settings: DiagnosticSettings = DiagnosticSettings()
 
 
+ALL_DIAGNOSTICS = tuple(DIAGNOSTICS)
 SCALES = {
+    # smoke: off unless asked (--diagnostics all); then tiny subsamples, so a test sweep stays fast
     "smoke": Scale("smoke", SyntheticSpec(superclasses_per_family=2, classes_per_superclass=3, train_per_class=60,
-                                          val_per_class=20)),
-    # 16 classes, 8 a half; three training seeds: each finding rests on paired differences over independent
-    # units of split x training seed, and an interval needs several (benchmarks/RESULTS.md)
-    "demo": Scale("demo", SyntheticSpec(classes_per_superclass=2, train_per_class=160), train_seeds=(0, 1, 2)),
+                                          val_per_class=20),
+                   diagnostic_settings=DiagnosticSettings(val_images=100, train_images=300, batch_size=50)),
+    # demo: 24 classes, 12 a half (4 superclasses of 3 classes per family: random halves share superclasses,
+    # the family halves none), 48 training and 40 validation images a class (a small half converges in a
+    # CPU budget; 480 validation images keep an evaluation's noise near 2 points). Three training seeds:
+    # each finding rests on paired differences over units of split x training seed, and an interval needs
+    # several; so that converged nets fit a 2-core budget, every other layer (n = 1, 3, 5, 7; --n 1-7 for
+    # all, about twice the time). Diagnostics on: 5-12 s of CPU per split x seed (benchmarks/RESULTS.md)
+    "demo": Scale("demo", SyntheticSpec(classes_per_superclass=3, train_per_class=48, val_per_class=40),
+                  train_seeds=(0, 1, 2),
+                  n=(1, 3, 5, 7), diagnostics=ALL_DIAGNOSTICS),
+    # paper/fast: diagnostics off unless asked; cheap beside the networks (forward passes of a few thousand images)
     "paper": Scale("paper", None, (0, 1, 2, 3), PAPER_REDUCED_K),
     "fast": Scale("fast", None, (0, 1, 2, 3)),
 }
@@ -70,7 +83,16 @@ def add_sweep_args(p: argparse.ArgumentParser):
                    help="reduced-volume nets on all classes, the first k training images of each (0: all), with "
                         "the reduced solver at paper scale, e.g. 1,2,5,10; 'none' for none (default: the paper's "
                         "1,2,5,10,25,50,100,250,500,750,1000,0 at --scale paper, none elsewhere)")
+    p.add_argument("--diagnostics", metavar="KINDS",
+                   help=f"measurements beside the grid, as jobs of the same sweep: comma list of {', '.join(DIAGNOSTICS)}, "
+                        "'all' or 'none' (default: all at demo scale, none at smoke, paper and fast scale). cka: layer "
+                        "similarity of baseA vs baseB and of each transfer vs its base; probe: linear probes on baseA's "
+                        "layers; estimators: H-score, LogME, LEEP of baseA's layers on half B")
     p.add_argument("--scale", default="demo", help=f"one of {', '.join(SCALES)} (recipe and built-in data size)")
+    p.add_argument("--until-plateau", type=int, metavar="MAX_EPOCHS",
+                   help="train every net until its validation top-1 plateaus (then the rate x gamma, again, as many "
+                        "times as the recipe has milestones) instead of the recipe's fixed schedule, at most "
+                        "MAX_EPOCHS epochs: for your own data, when the report says a base did not converge")
     p.add_argument("--arch", choices=ARCHITECTURES, default=None,
                    help="the network of every job: caffenet (the paper's, default) or resnet18 (torchvision's, "
                         "at the recipe's width); its layer table sets the n range")
@@ -122,6 +144,17 @@ def _names(text: str, allowed, what: str) -> list[str]:
     if bad or not names:
         raise SweepError(f"unknown {what} {bad[0] if bad else text!r}; expected one of {', '.join(allowed)}")
     return names
+
+
+def diagnostic_kinds(args, scale: Scale) -> tuple:
+    """--diagnostics as a tuple of kinds (the scale's default when not given)."""
+    if args.diagnostics is None:
+        return scale.diagnostics
+    if args.diagnostics.strip() == "none":
+        return ()
+    if args.diagnostics.strip() == "all":
+        return ALL_DIAGNOSTICS
+    return tuple(_names(args.diagnostics, list(DIAGNOSTICS) + ["all", "none"], "diagnostic"))
 
 
 def apply_overrides(grid: dict, args, arch: str = "caffenet") -> dict:
@@ -257,7 +290,9 @@ def print_job_table(jobs: list[Job], done: dict, out=None):
     out = out or sys.stdout                         # looked up now: redirections (and pytest's capsys) see it
     print(f"{'job':<58} {'status':<7} depends on", file=out)
     for j in jobs:
-        print(f"{j.key:<58} {'done' if j.key in done else 'to run':<7} {j.base_key or '-'}", file=out)
+        deps = j.base_key or (j.deps[0] if len(j.deps) == 1 else
+                              f"{len(j.deps)} nets: {', '.join(j.deps[:2])}, ..." if j.deps else "-")
+        print(f"{j.key:<58} {'done' if j.key in done else 'to run':<7} {deps}", file=out)
     d = sum(j.key in done for j in jobs)
     print(f"{len(jobs)} jobs, {d} done, {len(jobs) - d} to run", file=out)
 
@@ -283,12 +318,18 @@ def run(grid: dict, args, name: str) -> int:
     if args.scale not in SCALES:
         raise SweepError(f"unknown scale {args.scale!r}; expected one of {', '.join(SCALES)}")
     scale = SCALES[args.scale]
-    recipe = get_recipe(scale.recipe, **({"arch": args.arch} if args.arch else {}))
+    if args.until_plateau is not None and args.until_plateau < 1:
+        raise SweepError(f"--until-plateau {args.until_plateau}: give the most epochs a net may train, a positive "
+                         "number (e.g. --until-plateau 90)")
+    recipe = get_recipe(scale.recipe, **({"arch": args.arch} if args.arch else {}),
+                        **({"schedule": "plateau", "until_plateau": args.until_plateau} if args.until_plateau else {}))
     from ray import tune
     if "split_seed" not in grid:                    # the paper's 4 random splits at paper scale, one at demo scale
         grid = {**grid, "split_seed": tune.grid_search(list(scale.split_seeds))}
     if "seed" not in grid:                          # three training seeds at demo scale, one elsewhere
         grid = {**grid, "seed": tune.grid_search(list(scale.train_seeds))}
+    if grid.get("n") == "all" and not args.n and scale.n:      # the scale's layers (demo: 1, 3, 5, 7)
+        grid = {**grid, "n": tune.grid_search([n for n in scale.n if n in n_range(recipe.arch)])}
     grid = apply_overrides(grid, args, recipe.arch)
     out = (args.out or Path("results") / f"{name}-{args.scale}").resolve()
     storage = args.storage or str(out)
@@ -307,6 +348,8 @@ def run(grid: dict, args, name: str) -> int:
         grid, dropped = drop_dissimilar_without_superclasses(grid, dataset)
         notes.append(dropped)
     jobs, splits = build_jobs(expand_axes(grid), dataset, recipe, reduced_k_of(args, scale))
+    jobs += build_diagnostic_jobs(jobs, diagnostic_kinds(args, scale), scale.diagnostic_settings)
+    networks = [j for j in jobs if not j.is_diagnostic]         # the results table's rows
     for note in filter(None, notes):
         print(f"[sweep] note: {note}", flush=True)
     done = {k: r for k, r in store.completed().items()}
@@ -333,9 +376,10 @@ def run(grid: dict, args, name: str) -> int:
         for r in records.values():
             r.setdefault("dataset", dataset.name)
         failed = store.failed()
-        table = write_results(out, jobs, records, failed)
-        progress = {"planned": len(jobs), "done": len(table), "failed": sum(k in failed and k not in records
-                                                                            for k in (j.key for j in jobs)),
+        table = write_results(out, networks, records, failed)
+        write_diagnostics(out, [j for j in jobs if j.is_diagnostic], records, table)
+        progress = {"planned": len(networks), "done": len(table), "failed": sum(k in failed and k not in records
+                                                                                for k in (j.key for j in networks)),
                     "final": final, "updated_at": time.time()}
         _atomic(out / "sweep_progress.json", lambda p: p.write_text(json.dumps(progress)))   # the live report reads it
         report = None
@@ -385,6 +429,8 @@ def summary_block(jobs, done_before: dict, records: dict, failed: dict, wall_s: 
              f"{len(keys & set(done_before))} done before), {len(bad)} failed, {len(missing)} not run",
              f"[sweep] wall time {hms(wall_s)}; trained now: {gpu_h:.2f} GPU-hours, {trial_h:.2f} hours of trials",
              f"[sweep] results: {out / 'results.csv'}"]
+    if any(j.is_diagnostic for j in jobs):
+        lines.append(f"[sweep] diagnostics: {out / 'diagnostics.csv'}, {out / 'transferability.json'}")
     lines += [f"[sweep] failed: {k}: {r.get('reason')}" for k, r in sorted(bad.items())]
     if missing:
         lines.append(f"[sweep] not run (rerun the same command to retry them): {', '.join(missing[:5])}"
@@ -397,7 +443,7 @@ def summary_block(jobs, done_before: dict, records: dict, failed: dict, wall_s: 
 
 INVOCATION = "raytransfer-invocation.json"
 RESUME_FLAGS = ("scale", "arch", "data", "splits", "split_file", "seeds", "train_seeds", "n", "treatments", "directions",
-                "reduced_k",
+                "reduced_k", "diagnostics", "until_plateau",
                 "gpus_per_trial",
                 "workers_per_trial", "cpus_per_trial", "host", "max_failures", "checkpoint_minutes", "max_concurrent")
 

@@ -8,7 +8,10 @@ store, so finished jobs are never handed out again; state survives `Tuner.restor
     searcher = DependencySearcher(jobs, done=store.completed(), release=lambda base_key: ...)
 
 `release(base_key)` is called once every job of the sweep that depends on that base has ended (done
-or failed for good): the driver then frees the base's object-store copy.
+or failed for good): the driver then frees the base's object-store copy. A diagnostic depends on every
+net it reads (Job.deps), so a base read by a diagnostic stays until that diagnostic ended too. A job is
+done when its final report names its output: `weights_uri` (a network) or `output_uri` (a diagnostic's
+record of rows).
 """
 from __future__ import annotations
 
@@ -78,10 +81,11 @@ class DependencySearcher(Searcher):
         key = self.trial_to_key.get(trial_id) or (result or {}).get("config/job_key")
         if key is None:
             return
-        if error or not result or not result.get("weights_uri"):
+        output = (result or {}).get("weights_uri") or (result or {}).get("output_uri")
+        if error or not output:
             self.failed[key] = "error" if error else ((result or {}).get("failure_reason") or "no weights reported")
         else:
-            self.done[key] = result["weights_uri"]
+            self.done[key] = output
             self.failed.pop(key, None)
         for base in self.jobs.get(key, {}).get("deps", []) + [key]:
             self._maybe_release(base)
@@ -90,6 +94,8 @@ class DependencySearcher(Searcher):
         """Free a base once nothing in this sweep still needs it (every dependent ended)."""
         if base in self.released or self.release is None or base not in self.done:
             return
+        if self.jobs.get(base, {}).get("config", {}).get("treatment") not in (None, "baseA", "baseB"):
+            return                                   # a transfer a diagnostic read: no object-store copy to free
         dependents = [k for k, j in self.jobs.items() if base in j["deps"]]
         if not dependents:
             return

@@ -72,7 +72,7 @@ def sweep_status(storage: str, now: float | None = None) -> dict:
     bases = []
     for j in jobs:
         if j["treatment"] in ("baseA", "baseB"):
-            deps = [d for d in jobs if d.get("base_job_key") == j["job_key"]]
+            deps = [d for d in jobs if j["job_key"] in (d.get("deps") or [d.get("base_job_key")])]   # diagnostics too
             bases.append({"job_key": j["job_key"], "status": status_of[j["job_key"]],
                           "dependents": len(deps), "dependents_done": sum(status_of[d["job_key"]] == "done" for d in deps)})
     return {
@@ -90,6 +90,8 @@ def sweep_status(storage: str, now: float | None = None) -> dict:
 
 
 def _kind(treatment: str) -> str:
+    if treatment.startswith("diag_"):
+        return "diagnostic"
     if treatment in ("baseA", "baseB", "scratch", "netbase", "reduced_k") or treatment.endswith("+"):
         return "whole net trained"
     return "frozen prefix"

@@ -66,6 +66,10 @@ class JobStore:
         self._atomic_write(f"{d}/state.pt", buf.getvalue())
         return self.weights_uri(key)
 
+    def record_uri(self, key: str) -> str:
+        """Where a job's done record lives (a diagnostic's output: its rows are in it)."""
+        return f"{self.root_uri}/{RECORDS}/{key}.json"
+
     def write(self, key: str, record: dict):
         record = {**record, "job_key": key, "recorded_at": time.time()}
         self.fs.create_dir(f"{self.root}/{RECORDS}", recursive=True)    # a trial must never fail on a missing folder

@@ -29,6 +29,7 @@ from .errors import SweepError
 from .monitor import SweepProgress, keep_tensorboard
 from .registry import drop, fetch_base, get_or_create_registry, publish, registry_name, remove_registry
 from .searcher import DependencySearcher
+from .jobs import DIAGNOSTIC_PREFIX
 from .store import CorruptWeights, JobStore, delete_tree
 
 log = logging.getLogger("raytransfer.sweep")
@@ -48,10 +49,15 @@ def run_job(config: dict):
     store = JobStore(config["storage"])
     record = store.read(key)
     if record is not None:                         # finished before (e.g. the driver died after): never retrain
-        tune.report({**_scalars(record["metrics"]), "weights_uri": record["weights_uri"], "final": True})
+        output = ({"output_uri": record["output_uri"], "val_top1": float("nan")} if record.get("diagnostic")
+                  else {"weights_uri": record["weights_uri"]})
+        tune.report({**_scalars(record["metrics"]), **output, "final": True})
         return
     started = time.time()
     attempt = store.count_attempt(key, {"node_id": node_id(), "host": config["host"]})
+    if spec["treatment"].startswith(DIAGNOSTIC_PREFIX):
+        tune.report(run_diagnostic_job(store, key, spec, config, started, attempt))
+        return
     load_base = None
     for base_key, uri in config.get("base_uris", {}).items():
         load_base = functools.partial(load_base_weights, config["registry"], base_key, uri, config["storage"])
@@ -97,6 +103,62 @@ def record_outcome(store: JobStore, key: str, spec: dict, summary: dict, config:
     if config["host"] == "train":                  # durable now: the Train run's folder is not needed
         delete_tree(f"{config['storage'].rstrip('/')}/{_train_run_name(spec)}")
     return {**_scalars(metrics), "weights_uri": uri, "final": True}
+
+
+def run_diagnostic_job(store: JobStore, key: str, spec: dict, config: dict, started: float, attempt: int) -> dict:
+    """A diagnostic in the trial's own process (whatever --host says: it trains nothing): read the nets
+    it depends on (a base from the object store, others from storage), compute its rows, make them
+    durable as the job's record. Its final report names that record (`output_uri`): the searcher's done."""
+    import torch
+
+    from ..diagnose import run_diagnostic
+    from ..hosts import ensure_dataset, gpus_held, node_id, training_device
+
+    torch.set_num_threads(max(1, int(config["cpus_per_trial"])))
+    held = gpus_held()
+    device = training_device(held)
+    ensure_dataset(spec)
+    uris = config.get("base_uris", {})
+    rows = run_diagnostic(spec, lambda k: load_base_weights(config["registry"], k, uris[k], config["storage"])[0],
+                          device)
+    finished = time.time()
+    metrics = {"wall_s": finished - started, "rows": len(rows), "device": str(device)}
+    uri = store.record_uri(key)
+    store.write(key, {"config": spec, "diagnostic": True, "rows": rows, "output_uri": uri, "metrics": metrics,
+                      "host": "process", "node_id": node_id(), "gpus_held": held, "attempts": attempt,
+                      "started_at": started, "finished_at": finished, "versions": _versions()})
+    return {**metrics, "output_uri": uri, "final": True, "val_top1": float("nan")}
+
+
+def trial_resources(plan, args) -> dict:
+    """What one network's trial asks Tune for: its loop (host "process") or its Train driver."""
+    if plan.host == "process":
+        return {"CPU": args.cpus_per_trial, **({"GPU": plan.gpus_per_worker} if plan.gpus_per_worker else {})}
+    if "TRAIN_DRIVER" in ray.cluster_resources():
+        return {"CPU": 0, "TRAIN_DRIVER": 1}       # drivers on the on-demand head (cluster.yaml)
+    return {"CPU": 0.01}
+
+
+DIAGNOSTIC_GPU_FRACTION = 0.25                     # a diagnostic runs small forward passes: a share of a GPU
+
+
+def diagnostic_resources(plan, args) -> dict:
+    """A diagnostic runs in its trial's process: one worker's CPUs, and a fraction of a GPU where trials get GPUs."""
+    gpu = min(DIAGNOSTIC_GPU_FRACTION, plan.gpus_per_worker) if plan.gpus_per_worker else 0
+    return {"CPU": args.cpus_per_trial, **({"GPU": gpu} if gpu else {})}
+
+
+def job_resources(plan, args):
+    """Tune's per-trial resource request (tune.with_resources takes a function of the trial's config):
+    a network's trial resources, or a diagnostic's."""
+    from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
+
+    network = resource_dict_to_pg_factory(trial_resources(plan, args))
+    diagnostic = resource_dict_to_pg_factory(diagnostic_resources(plan, args))
+
+    def resources_of(config: dict):
+        return diagnostic if str(config.get("treatment", "")).startswith(DIAGNOSTIC_PREFIX) else network
+    return resources_of
 
 
 def _title(title: str):
@@ -376,13 +438,7 @@ def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, ar
                            "jobs": [j.row() for j in jobs]})
         if not todo:
             return {"plan": plan, "dashboard": dashboard}
-        if plan.host == "process":
-            resources = {"CPU": args.cpus_per_trial, **({"GPU": plan.gpus_per_worker} if plan.gpus_per_worker else {})}
-        elif "TRAIN_DRIVER" in ray.cluster_resources():
-            resources = {"CPU": 0, "TRAIN_DRIVER": 1}       # drivers on the on-demand head (cluster.yaml)
-        else:
-            resources = {"CPU": 0.01}
-        trainable = tune.with_resources(run_job, resources)
+        trainable = tune.with_resources(run_job, job_resources(plan, args))
         constants = {"storage": storage, "host": plan.host, "cpus_per_trial": args.cpus_per_trial,
                      "gpus_per_trial": plan.gpus_per_worker, "workers_per_trial": args.workers_per_trial,
                      "checkpoint_minutes": args.checkpoint_minutes, "registry": registry,
@@ -396,7 +452,8 @@ def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, ar
         if args.resume:
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
         else:
-            searcher = DependencySearcher(jobs, done={k: r["weights_uri"] for k, r in done.items()},
+            searcher = DependencySearcher(jobs, done={k: r.get("weights_uri") or r.get("output_uri")
+                                                      for k, r in done.items()},
                                           release=functools.partial(drop, registry))
             tuner = tune.Tuner(
                 trainable, param_space=constants,
