@@ -1,11 +1,12 @@
 """A half held in memory as decoded pixels, cropped and mirrored in torch: the input path of small datasets.
 
-Why: on the CPU recipes the FFCV pipeline costs as much as the net (measured on the demo half: 2.5k img/s
-at batch 32, 12.7 ms a batch, beside a 2.5k img/s training step on the same core). A demo half is a few
-MB of uint8 pixels; FFCV decodes the beton once per process (cached), and every epoch is then a seeded
-permutation plus one gather per batch for the paper's crop (a random `size` square of the stored image and
-a mirror with probability 1/2) -- the same augmentation as the FFCV path, and reproducible from the trial
-seed (also after a resume), which FFCV's crop is not. Validation is the centre crop, precomputed.
+Why: reproducible augmentation. FFCV's random crop is not seeded, so a base trained twice with the same
+seed differed by 2.6-8.1 points (RESULTS.md); here FFCV decodes the beton once per process (cached) and
+every epoch is a permutation plus one gather per batch for the paper's crop (a random `size` square of
+the stored image and a mirror with probability 1/2), all drawn from a generator seeded by the trial seed
+and the epoch: a rerun, or a resumed epoch, sees the same batches. A training epoch of the demo net is
+1.04x the FFCV path's speed (benchmarks/demo_input.py); it is not what makes the demo fast (conv1 at
+stride 2 is). Validation is the centre crop, precomputed. Small datasets only (MAX_BYTES decoded).
 
     train, val = memory_half(beton_train, beton_val, train_ids, val_ids, lut, size, mean, std, batch, seed)
 """

@@ -34,7 +34,7 @@ class Recipe:
     resize_size: int = 256             # side of the square image crops are cut from (paper: 256); a dataset
                                        # stored at another side is resized to it on the fly, in the loader
     input: str = "ffcv"                # 'ffcv'; 'memory': a small dataset decoded once and held in memory, the
-                                       # same crop in torch (seeded), FFCV's per-batch cost gone (CPU recipes)
+                                       # same crop in torch from a seeded generator (reproducible reruns)
     normalize: str = "mean_std"        # 'mean_std': (x - channel mean) / channel std; 'mean_image': x - the base
                                        # dataset's mean image at 0..255 scale, nothing divided (the paper)
     random_frozen_on: str = "half"     # random_frozen's target: 'half' (vs that half's base) or 'whole' (all
@@ -149,8 +149,9 @@ RECIPES = {
     # CPU-sized: the same 8 named layers at 1/8 width on 30 px crops of 32 px images (the synthetic images'
     # own size; other datasets are resized to 32 px in the loader), trained to convergence in a CPU budget
     # (measured, benchmarks/RESULTS.md): batch norm in place of LRN (with LRN the net was still rising after
-    # 40 epochs), no dropout (it stalls learning at this width), conv1 at stride 2 and the half held in
-    # memory (together 2x the throughput); 64 epochs of a small half (the demo's 576 images) with x0.1 at
+    # 40 epochs), no dropout (it stalls learning at this width), conv1 at stride 2 (1.8x the throughput),
+    # the half held in memory with seeded crops (a rerun is the same computation; 1.04x); 64 epochs of a
+    # small half (the demo's 576 images) with x0.1 at
     # 50 % and 70 %: validation top-1 flat over the last 30 %, and a second full schedule from a base's own
     # weights gains 2-3 points (each net records its plateau: raytransfer/convergence.py).
     "demo": Recipe("demo", width=0.125, fc_width=0.0625, init="kaiming", dropout=0.0, norm="batch", stem_stride=2,
