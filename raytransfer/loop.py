@@ -16,7 +16,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .convergence import PLATEAU_POINTS, plateau_rise, plateau_state

@@ -32,7 +32,6 @@ def decoded(beton, side: int) -> tuple[np.ndarray, np.ndarray]:
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import ToTensor
 
         loader = Loader(str(beton), batch_size=256, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
                         pipelines={"image": [CenterCropRGBImageDecoder((side, side), ratio=1.0)],

@@ -554,10 +554,12 @@ def mean_image(data_dir, manifest: dict, class_ids) -> np.ndarray:
     return (total / counts.sum()).astype(np.float32)
 
 
-def reprepare_command(manifest: dict, data_dir) -> str:
-    """The `raytransfer prepare` command that prepared `data_dir` (same settings, same --out)."""
+def reprepare_command(manifest: dict, data_dir, resolution: int | None = None) -> str:
+    """The `raytransfer prepare` command that prepared `data_dir` (same settings, same --out), or, given
+    `resolution`, the one that writes it again at that stored side into `data_dir`-<side>px."""
     source = manifest.get("source", "folder")
-    res = manifest["settings"].get("resolution")
+    res = resolution or manifest["settings"].get("resolution")
+    out = f"{str(data_dir).rstrip('/')}-{resolution}px" if resolution else data_dir
     extra = f" --resolution {res}" if res else ""
     if manifest["settings"].get("format") == "raw" and source != "synthetic":
         extra += " --format raw"
@@ -565,10 +567,10 @@ def reprepare_command(manifest: dict, data_dir) -> str:
         spec = manifest.get("identity", {}).get("synthetic", {})
         extra += f" --synthetic-seed {spec['seed']}" if spec.get("seed") else ""
         extra += f" --synthetic-train-per-class {spec['train_per_class']}" if "train_per_class" in spec else ""
-        return f"raytransfer prepare synthetic --out {data_dir}{extra}"
+        return f"raytransfer prepare synthetic --out {out}{extra}"
     if manifest.get("superclass_file"):
         extra += f" --superclasses {manifest['superclass_file']}"
-    return f"raytransfer prepare {source} {manifest.get('source_path') or 'SOURCE_DIR'} --out {data_dir}{extra}"
+    return f"raytransfer prepare {source} {manifest.get('source_path') or 'SOURCE_DIR'} --out {out}{extra}"
 
 
 def _check_free_space(out: Path, n_images: int, settings: BetonSettings):

@@ -80,3 +80,20 @@ def synthetic_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     manifest = prepare("synthetic", None, out, resolution=None, synthetic=SyntheticSpec(**TINY_SYNTHETIC), workers=2)
     return out, manifest
+
+
+def tiny_jobs(ns=(1, 2), treatments=("AnB", "BnB", "random_frozen")):
+    """The jobs of a small grid on a made-up 8-class dataset (keys and dependencies only: nothing is read)."""
+    from ray import tune
+
+    from raytransfer.recipes import get_recipe
+    from raytransfer.sweep.jobs import Dataset, build_jobs, expand_axes
+    from raytransfer.synthetic import FAMILIES, SyntheticSpec
+
+    classes = SyntheticSpec(superclasses_per_family=2, classes_per_superclass=2).classes()
+    for i, c in enumerate(classes):
+        c["index"] = i
+    ds = Dataset("unused", "synthetic", "f" * 64, classes, list(FAMILIES))
+    grid = {"split": tune.grid_search(["similar"]), "split_seed": 0, "target": "B", "seed": 0,
+            "treatment": tune.grid_search(list(treatments)), "n": tune.grid_search(list(ns))}
+    return build_jobs(expand_axes(grid), ds, get_recipe("smoke"))[0]

@@ -124,21 +124,7 @@ def test_kendall_tau_of_a_perfect_and_a_reversed_ranking():
 # ---------------------------------------------------------------------------------------------
 # Diagnostic jobs: keys and dependencies (dry run), then one job's rows on real loaders
 
-def tiny_jobs(ns=(1, 2), treatments=("AnB", "BnB", "random_frozen")):
-    """The networks of a small grid on a made-up 8-class dataset (keys only: nothing is read)."""
-    from ray import tune
-
-    from raytransfer.recipes import get_recipe
-    from raytransfer.sweep.jobs import Dataset, build_jobs, expand_axes
-    from raytransfer.synthetic import FAMILIES, SyntheticSpec
-
-    classes = SyntheticSpec(superclasses_per_family=2, classes_per_superclass=2).classes()
-    for i, c in enumerate(classes):
-        c["index"] = i
-    ds = Dataset("unused", "synthetic", "f" * 64, classes, list(FAMILIES))
-    grid = {"split": tune.grid_search(["similar"]), "split_seed": 0, "target": "B", "seed": 0,
-            "treatment": tune.grid_search(list(treatments)), "n": tune.grid_search(list(ns))}
-    return build_jobs(expand_axes(grid), ds, get_recipe("smoke"))[0]
+from conftest import tiny_jobs  # noqa: E402  (the networks of a small grid, keys only)
 
 
 def diag_jobs(kinds=("cka", "probe", "estimators"), ns=(1, 2), settings=None):

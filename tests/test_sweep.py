@@ -21,26 +21,15 @@ import pandas as pd
 import pytest
 from ray.tune.search import Searcher
 
+from conftest import tiny_jobs
+
 from raytransfer.recipes import get_recipe
-from raytransfer.sweep.jobs import Dataset, build_jobs, expand_axes
 from raytransfer.sweep.searcher import DependencySearcher
-from raytransfer.synthetic import FAMILIES, SyntheticSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = [sys.executable, str(ROOT / "sweeps" / "full_paper.py")]
 
 
-def tiny_jobs(ns=(1, 2), treatments=("AnB", "BnB", "random_frozen")):
-    from ray import tune
-
-    classes = SyntheticSpec(superclasses_per_family=2, classes_per_superclass=2).classes()
-    for i, c in enumerate(classes):
-        c["index"] = i
-    ds = Dataset("unused", "synthetic", "f" * 64, classes, list(FAMILIES))
-    grid = {"split": tune.grid_search(["similar"]), "split_seed": 0, "target": "B", "seed": 0,
-            "treatment": tune.grid_search(list(treatments)), "n": tune.grid_search(list(ns))}
-    jobs, _ = build_jobs(expand_axes(grid), ds, get_recipe("smoke"))
-    return jobs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -271,19 +271,9 @@ def drop_dissimilar_without_superclasses(grid: dict, dataset: Dataset) -> tuple[
 
 def prepare_command(manifest: dict, data_dir: str, resolution: int) -> str:
     """The `raytransfer prepare` command that writes this dataset again at another stored side."""
-    out = f"{str(data_dir).rstrip('/')}-{resolution}px"
-    source = manifest.get("source", "folder")
-    fmt = manifest["settings"].get("format")
-    extra = f" --format {fmt}" if fmt == "raw" and source != "synthetic" else ""
-    if source == "synthetic":
-        spec = manifest.get("identity", {}).get("synthetic", {})
-        extra += f" --synthetic-seed {spec['seed']}" if spec.get("seed") else ""
-        extra += f" --synthetic-train-per-class {spec['train_per_class']}" if "train_per_class" in spec else ""
-        return f"raytransfer prepare synthetic --out {out} --resolution {resolution}{extra}"
-    if manifest.get("superclass_file"):
-        extra += f" --superclasses {manifest['superclass_file']}"
-    return (f"raytransfer prepare {source} {manifest.get('source_path') or 'SOURCE_DIR'} --out {out} "
-            f"--resolution {resolution}{extra}")
+    from ..prepare import reprepare_command
+
+    return reprepare_command(manifest, data_dir, resolution)
 
 
 def print_job_table(jobs: list[Job], done: dict, out=None):
