@@ -285,7 +285,7 @@ def convergence_html(convergence: dict | None) -> str:
                  "against them is not meaningful and is left out of the findings. Train longer: let each net "
                  "train until its plateau (--until-plateau MAX_EPOCHS), or use a recipe with more epochs.")
     else:
-        state = f'all {convergence["bases_with_rule"]} bases converged.'
+        state = f'All {convergence["bases_with_rule"]} bases converged.'
     gain = convergence.get("second_schedule_gain")
     second = ""
     if gain:
