@@ -218,3 +218,21 @@ def test_torch_trainer_learns_checkpoints_and_resumes_after_a_failure(dataset, b
         state = load_state(d)
     assert state["epoch"] == 7 and len(state["history"]) == 16
     assert torch.equal(state["model"]["conv1.weight"], base_run[0]["state_dict"]["conv1.weight"])
+
+
+def test_until_plateau_lowers_the_rate_at_each_plateau_and_stops(dataset):
+    """--until-plateau: a constant rate until validation top-1 plateaus, x gamma per plateau, stop after the
+    last milestone's decay, at most the cap; the epochs run and the rates follow convergence.plateau_state."""
+    from raytransfer.convergence import plateau_state
+    from raytransfer.loop import epoch_top1
+
+    recipe = get_recipe("smoke", schedule="plateau", until_plateau=30, milestones=(0.5,), lr=0.01, warmup_fraction=0.0)
+    reports = []
+    summary = run_trial(trial_spec(dataset, recipe=recipe), CPU, report=lambda m, s: reports.append((dict(m), s["history"])))
+    epochs = [m for m, _ in reports]
+    assert 6 <= len(epochs) <= 30 and summary["epochs"] == len(epochs)
+    for i, m in enumerate(epochs):                           # the rate of epoch i: from the curve before it
+        level, _ = plateau_state(epoch_top1(reports[i - 1][1] if i else []), decays=1)
+        assert m["lr"] == pytest.approx(recipe.lr * recipe.gamma ** level)
+    if len(epochs) < 30:                                     # stopped by the rule, not the cap
+        assert plateau_state(epoch_top1(reports[-1][1]), decays=1) == (1, True)
