@@ -86,7 +86,7 @@ def _answer(estimate, low, high, positive_is_yes: bool) -> str:
 
 
 def _finding(question: str, values: pd.Series, networks: int, positive_is_yes: bool, what: str,
-             left_out: int, seeds_per_unit: float, lacking: str | None = None) -> dict:
+             left_out: int, lacking: str | None = None) -> dict:
     result = {"question": question, "confidence": CONFIDENCE, "networks": int(networks), "units": int(len(values)),
               "left_out_unconverged_base": int(left_out)}
     if lacking or len(values) == 0:
@@ -104,7 +104,8 @@ def _finding(question: str, values: pd.Series, networks: int, positive_is_yes: b
     if answer == "unresolved":
         need = units_to_resolve(values)
         if need is not None:
-            seeds = max(1, math.ceil(need / seeds_per_unit))
+            units_per_seed = len(values) / values.index.get_level_values("seed").nunique()
+            seeds = max(1, math.ceil(need / units_per_seed))
             result["seeds_to_resolve"] = seeds
             result["text"] += (f" An effect of this size and spread needs about {need} units to resolve: "
                                f"--train-seeds with {seeds} seeds on this grid.")
@@ -117,16 +118,13 @@ def science_check(rows: pd.DataFrame) -> dict:
     """The four findings, from rows of `results.with_base` (optionally with `base_converged`)."""
     nets, left_out = usable(rows)
 
-    def units_per_seed(frame):
-        return max(1.0, frame[list(UNIT)].drop_duplicates().shape[0] / max(1, frame["seed"].nunique()))
-
     found = {}
     low, high = MIDDLE_N
     bnb = nets[(nets["treatment"] == "BnB") & nets["n"].between(low, high)]
     found["co_adaptation"] = _finding(
         f"Does BnB (frozen selffer) fall below its base at the middle layers (mean over n = {low}..{high})?",
         _per_unit(bnb), len(bnb), positive_is_yes=False, what=f"BnB minus its base, n = {low}..{high}, all splits:",
-        left_out=left_out, seeds_per_unit=units_per_seed(bnb) if len(bnb) else 1,
+        left_out=left_out,
         lacking=None if len(bnb) else f"no BnB network at n = {low}..{high} with its base")
 
     found["specificity"] = _specificity(nets, left_out)
@@ -137,7 +135,7 @@ def science_check(rows: pd.DataFrame) -> dict:
         f"Does fine-tuning transferred layers (AnB+) beat the base (mean over n = {low}..{high}, similar split)? "
         "The paper: a small boost (+1.6 points).",
         _per_unit(anbp), len(anbp), positive_is_yes=True, what=f"AnB+ minus its base, n = {low}..{high}:",
-        left_out=left_out, seeds_per_unit=units_per_seed(anbp) if len(anbp) else 1,
+        left_out=left_out,
         lacking=None if len(anbp) else f"no AnB+ network at n = {low}..{high} on the similar split with its base")
 
     deep = nets[nets["n"] >= RANDOM_N_MIN]
@@ -152,7 +150,7 @@ def science_check(rows: pd.DataFrame) -> dict:
     found["random_vs_transfer"] = _finding(
         f"Are random frozen layers below transferred ones (random_frozen − AnB, mean over n ≥ {RANDOM_N_MIN})?",
         diff, int(counted), positive_is_yes=False, what=f"random_frozen minus AnB, n ≥ {RANDOM_N_MIN}, all splits:",
-        left_out=left_out, seeds_per_unit=units_per_seed(pairs) if len(pairs) else 1,
+        left_out=left_out,
         lacking=None if len(diff) else f"no n ≥ {RANDOM_N_MIN} with both random_frozen and AnB networks and bases")
     return found
 
@@ -177,14 +175,14 @@ def _specificity(nets: pd.DataFrame, left_out: int) -> dict:
     units = {kind: _per_unit(anb7[anb7["split_kind"] == kind]) for kind in ("similar", "dissimilar")}
     lacking = [kind for kind, values in units.items() if values.empty]
     if lacking:
-        return _finding(question, pd.Series(dtype=float), 0, False, "", left_out, 1,
+        return _finding(question, pd.Series(dtype=float), 0, False, "", left_out,
                         lacking=f"no AnB network at n = 7 with its base on the {' and '.join(lacking)} split")
     by_seed = {kind: values.groupby(level="seed").mean() for kind, values in units.items()}
     paired = (by_seed["dissimilar"] - by_seed["similar"]).dropna()
     networks = int(len(anb7[anb7["split_kind"].isin(["similar", "dissimilar"])]))
     if len(paired) >= 2:
         result = _finding(question, paired, networks, False, "(AnB − base at n = 7, dissimilar) minus (the same, "
-                          "similar), paired by training seed:", left_out, 1)
+                          "similar), paired by training seed:", left_out)
         result["pairing"] = "training seed"
     else:
         dissimilar, similar = units["dissimilar"], units["similar"]
