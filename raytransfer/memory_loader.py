@@ -8,7 +8,8 @@ and the epoch: a rerun, or a resumed epoch, sees the same batches. A training ep
 1.04x the FFCV path's speed (benchmarks/demo_input.py); it is not what makes the demo fast (conv1 at
 stride 2 is). Validation is the centre crop, precomputed. Small datasets only (MAX_BYTES decoded).
 
-    train, val = memory_half(beton_train, beton_val, train_ids, val_ids, lut, size, mean, std, batch, seed)
+    train, val = memory_half(train_beton, val_beton, train_ids, val_ids, lut, side, size, mean, std, batch,
+                             val_batch, seed, device)
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 
 MAX_BYTES = 2 << 30            # halves larger than this stay on the FFCV path
 EVAL_BATCH = 256               # validation batches: no gradient, so larger batches just cost less per image
-_DECODED: dict = {}            # (beton, mtime, side) -> (images uint8 NHWC, labels): one decode per process
+_DECODED: dict = {}            # (beton, mtime, side) -> (images uint8 NHWC, labels): one decode per process,
+                               # the betons of one dataset at a time (bounded memory)
 _DECODERS: list = []           # their FFCV Loaders, kept: a collected one makes numba's finalizer print a
                                # KeyError traceback (harmless, but on the sweep's console)
 
@@ -40,7 +42,9 @@ def decoded(beton, side: int) -> tuple[np.ndarray, np.ndarray]:
         for x, y in loader:
             images.append(np.array(x))
             labels.append(np.array(y).reshape(-1))
-        _DECODED.clear()                           # one dataset at a time per process (bounded memory)
+        folder = os.path.dirname(str(beton))       # one dataset (its train and val betons) per process
+        for other in [k for k in _DECODED if os.path.dirname(k[0]) != folder]:
+            del _DECODED[other]
         _DECODED[key] = (np.concatenate(images), np.concatenate(labels))
         _DECODERS.append(loader)
     return _DECODED[key]
