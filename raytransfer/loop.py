@@ -126,9 +126,7 @@ def fit(model, recipe: Recipe, loaders, device, state: dict | None = None, repor
         optimizer.load_state_dict(state["optimizer"])
         history, start_epoch, step = list(state["history"]), state["epoch"] + 1, state["step"]
     steps_per_epoch = max(1, len(loaders.train))
-    total_steps = recipe.total_steps(steps_per_epoch * recipe.batch_size)
-    if recipe.until_plateau:                           # until the plateau, at most the cap
-        total_steps = recipe.until_plateau * steps_per_epoch
+    total_steps = recipe.total_steps(steps_per_epoch * recipe.batch_size)   # until_plateau: its cap
     epochs = -(-total_steps // steps_per_epoch)
     lr_factor = 1.0
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if recipe.bf16 else nullcontext

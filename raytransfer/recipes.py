@@ -64,6 +64,9 @@ class Recipe:
     compile: bool = False
 
     def total_steps(self, train_samples: int) -> int:
+        """Steps of the run (until_plateau: at most, the cap's epochs)."""
+        if self.until_plateau:
+            return max(1, self.until_plateau * (train_samples // self.batch_size))
         if self.iterations:
             return self.iterations
         return max(1, int(math.ceil(self.epochs * (train_samples // self.batch_size))))

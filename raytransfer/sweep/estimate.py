@@ -11,8 +11,6 @@ from ..step_costs import H100_BASE_IMG_PER_S, MEASURED_ARCH, relative_cost
 
 def job_images(recipe, train_images: int) -> int:
     """Training images a job sees (--until-plateau: at most, its cap)."""
-    if recipe.until_plateau:
-        return recipe.until_plateau * (train_images // recipe.batch_size) * recipe.batch_size
     return recipe.total_steps(train_images) * recipe.batch_size
 
 
