@@ -39,12 +39,14 @@ class LocalCluster:
     def start(cls, config: str | Path, temp_dir: str, head_cpus: int = 1, env: dict | None = None) -> "LocalCluster":
         """`ray start --head` with the fake multi-node autoscaler, on free ports. The fake provider starts
         its worker nodes against `provider.gcs_address` (against <ip>:6379 when that is absent), so the
-        head runs from a copy of the config with it set."""
+        head runs from a copy of the config with it set. Every port is a free one: the head's dashboard agent
+        (which takes job submissions) otherwise listens on Ray's fixed 52365, and where another Ray on this
+        machine holds it, the agent never comes up and every submission answers 'No available agent'."""
         import ray._private.services
         import yaml
 
         ip = ray._private.services.get_node_ip_address()
-        port, dash = free_port(), free_port()
+        port, dash, agent = free_port(), free_port(), free_port()
         cfg = yaml.safe_load(Path(config).read_text())
         cfg["provider"]["gcs_address"] = f"{ip}:{port}"
         os.makedirs(temp_dir, exist_ok=True)
@@ -52,6 +54,7 @@ class LocalCluster:
         cfg_path.write_text(yaml.safe_dump(cfg))
         cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--autoscaling-config={cfg_path}",
                "--num-cpus", str(head_cpus), "--num-gpus", "0", "--port", str(port), "--dashboard-port", str(dash),
+               "--dashboard-agent-listen-port", str(agent),
                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--temp-dir", temp_dir,
                "--disable-usage-stats"]
         proc = subprocess.Popen(cmd, env={**os.environ, **(env or {}), "RAY_FAKE_CLUSTER": "1"},
