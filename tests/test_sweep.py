@@ -241,6 +241,25 @@ def test_driver_killed_mid_sweep_resumes_without_retraining_a_base(sweep_env, tm
     assert {k: final[k]["recorded_at"] for k in base_recs} == base_recs        # no base retrained
 
 
+def test_resume_over_a_torn_tune_snapshot_starts_the_rest_afresh(sweep_env, tmp_path):
+    """A driver killed while Tune copied its snapshot leaves 0-byte state files (seen in CI); restoring
+    from them handed out a job without the sweep's settings. --resume says so and runs what is left."""
+    out = tmp_path / "exp"
+    run_sweep(sweep_env, out, "--n", "1")
+    (exp,) = out.glob("tune-*")
+    for pattern in ("experiment_state-*.json", "searcher-state-*.pkl"):
+        max(exp.glob(pattern)).write_bytes(b"")                  # what the kill left
+    before = records(out)
+    bases = {k: r["recorded_at"] for k, r in before.items() if r["config"]["treatment"].startswith("base")}
+    for key in set(before) - set(bases):
+        (out / "jobstore" / "jobs" / f"{key}.json").unlink()     # the transfers had not finished
+    stdout = run_sweep(sweep_env, out, "--n", "1", "--resume")
+    assert "snapshot is torn" in stdout and "4 jobs, 2 done, 2 to run" in stdout
+    after = records(out)
+    assert len(after) == 4 and {k: after[k]["recorded_at"] for k in bases} == bases
+    assert len(pd.read_csv(out / "results.csv")) == 4
+
+
 def test_bad_grid_input_is_one_clear_error_before_training(sweep_env, tmp_path, capsys, monkeypatch):
     import runpy
 

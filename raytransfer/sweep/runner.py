@@ -355,6 +355,12 @@ def run(grid: dict, args, name: str) -> int:
     invocation = sweep_invocation(args, jobs)
     if args.resume:
         check_resume(storage, exp_name, invocation)
+        torn = torn_tune_snapshot(storage, exp_name)
+        if torn:
+            print(f"[sweep] --resume: Tune's last snapshot is torn ({', '.join(torn)} empty or unreadable: the driver "
+                  "died while writing it); starting the rest of the grid afresh: finished jobs come from the job "
+                  "store and are not trained again, jobs that were running start over")
+            args.resume = False
     # [3] Ray, resources, the registry
     from .tuning import fit_sweep
 
@@ -489,6 +495,40 @@ def check_resume(storage: str, exp_name: str, invocation: dict):
     if not Tuner.can_restore(f"{storage.rstrip('/')}/{exp_name}"):
         raise SweepError(f"--resume: the sweep at {storage} never got as far as Tune's first snapshot; "
                          "drop --resume to start it again (finished jobs are skipped anyway)")
+
+
+TUNE_SNAPSHOT = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+
+
+def torn_tune_snapshot(storage: str, exp_name: str) -> list[str]:
+    """The newest file of each kind in Tune's snapshot (the ones Tune restores from: newest by name) that
+    is empty or does not load. A driver killed while Tune copied its snapshot to storage leaves them so
+    (seen in CI: a 0-byte experiment state and searcher state), and Tune's restore then hands out a job
+    without the sweep's settings (KeyError: 'storage'). When one is torn, the whole snapshot is removed:
+    the rest of the grid starts afresh from the job store."""
+    import fnmatch
+
+    import ray.cloudpickle as cloudpickle
+    from ray.tune.utils.serialization import _loads_with_cloudpickle      # Tune's own reader of its state
+
+    fs, root = _split_uri(f"{storage.rstrip('/')}/{exp_name}")
+    names = [i.base_name for i in fs.get_file_info(pyarrow_selector(root))]
+    torn = []
+    for pattern in TUNE_SNAPSHOT:
+        newest = max(fnmatch.filter(names, pattern), default=None)
+        if newest is None:
+            continue
+        with fs.open_input_stream(f"{root}/{newest}") as f:
+            data = f.read()
+        try:
+            _loads_with_cloudpickle(data) if pattern.startswith("experiment_state") else cloudpickle.loads(data)
+        except Exception:                       # empty or cut short: any decoding error means the same
+            torn.append(newest)
+    if torn:
+        for name in names:
+            if any(fnmatch.fnmatch(name, pattern) for pattern in TUNE_SNAPSHOT):
+                fs.delete_file(f"{root}/{name}")
+    return torn
 
 
 def _show(v) -> str:
