@@ -71,6 +71,14 @@ def half_indices(labels: np.ndarray, half_labels) -> tuple[np.ndarray, np.ndarra
     return ids, lut
 
 
+def readable_half_ids(beton, half_labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, lut) of `half_indices` over a beton's label column, images written as corrupt left out; and
+    that label column."""
+    labels = label_column(beton)
+    ids, lut = half_indices(labels, half_labels)
+    return ids[labels[ids] != CORRUPT_LABEL], lut, labels
+
+
 class HalfLoader:
     """Iterates (images float NCHW on `device`, labels 0..k-1): FFCV underneath, pitfalls handled.
 
@@ -235,9 +243,7 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
     loaders, ids_of = {}, {}
     for split in ("train", "val"):
         beton = data_dir / manifest["betons"][split]["file"]
-        labels = label_column(beton)
-        ids, lut = half_indices(labels, half_labels)
-        ids = ids[labels[ids] != CORRUPT_LABEL]
+        ids, lut, labels = readable_half_ids(beton, half_labels)
         if split == "train" and per_class:
             ids = first_per_class(ids, labels, per_class)
             if len(ids) < batch_size:
@@ -268,6 +274,8 @@ def first_per_class(ids: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     ranked = lab[order]
     rank = np.arange(len(ids)) - np.searchsorted(ranked, ranked, side="left")
     return np.sort(ids[order[rank < k]])
+
+
 def build_eval_loader(data_dir, half_class_ids: list[str], crop: CropSpec, split: str, batch_size: int,
                       device: torch.device, max_images: int | None = None, sample_seed: int = 0,
                       num_workers: int = 1) -> HalfLoader:
@@ -279,9 +287,7 @@ def build_eval_loader(data_dir, half_class_ids: list[str], crop: CropSpec, split
     label_of = {c["id"]: c["index"] for c in manifest["classes"]}
     half_labels = sorted(label_of[c] for c in half_class_ids)
     beton = data_dir / manifest["betons"][split]["file"]
-    labels = label_column(beton)
-    ids, lut = half_indices(labels, half_labels)
-    ids = ids[labels[ids] != CORRUPT_LABEL]
+    ids, lut, _ = readable_half_ids(beton, half_labels)
     if max_images is not None and len(ids) > max_images:
         ids = np.sort(np.random.default_rng(sample_seed).choice(ids, max_images, replace=False))
     stored = manifest["settings"]["resolution"]

@@ -47,6 +47,11 @@ DIAGNOSTICS = {"cka": "diag_cka", "probe": "diag_probe", "estimators": "diag_est
 CKA_NETS = ("AnB", "AnB+", "BnB", "BnB+")                           # transferred nets compared with their base
 
 
+def is_diagnostic(treatment: str) -> bool:
+    """A diagnostic job's treatment (diag_cka, ...), as against a network's."""
+    return treatment.startswith(DIAGNOSTIC_PREFIX)
+
+
 def n_range(arch: str) -> range:
     """The n a job of `arch` may copy: 1 .. layers - 1 (the last layer, the head, is never copied)."""
     return range(1, len(layer_names(arch)))
@@ -82,7 +87,7 @@ class Job:
 
     @property
     def is_diagnostic(self) -> bool:
-        return self.treatment.startswith(DIAGNOSTIC_PREFIX)
+        return is_diagnostic(self.treatment)
 
     def row(self) -> dict:
         """The columns a results row takes from the job itself."""
@@ -263,7 +268,6 @@ def _job(dataset, split, label, seed, recipe, treatment, source, target, n, base
     kind, split_seed = (WHOLE, 0) if split is None else (split.kind, split.seed or 0)
     return Job(key, treatment, kind, split_seed, seed, source, target, n, base_key, spec, split_label=label,
                split_sha256="" if split is None else split_sha, layer=layer_names(recipe.arch)[n - 1] if n else "", k=k)
-
 
 
 @dataclass(frozen=True)

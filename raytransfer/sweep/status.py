@@ -15,6 +15,7 @@ import json
 import time
 from collections import defaultdict
 
+from .jobs import is_diagnostic
 from .store import JobStore
 
 STALE_S = 120            # the driver beats every 30 s: older than this, it is not running (or cannot write)
@@ -90,7 +91,7 @@ def sweep_status(storage: str, now: float | None = None) -> dict:
 
 
 def _kind(treatment: str) -> str:
-    if treatment.startswith("diag_"):
+    if is_diagnostic(treatment):
         return "diagnostic"
     if treatment in ("baseA", "baseB", "scratch", "netbase", "reduced_k") or treatment.endswith("+"):
         return "whole net trained"

@@ -29,7 +29,7 @@ from .errors import SweepError
 from .monitor import SweepProgress, keep_tensorboard
 from .registry import drop, fetch_base, get_or_create_registry, publish, registry_name, remove_registry
 from .searcher import DependencySearcher
-from .jobs import DIAGNOSTIC_PREFIX
+from .jobs import is_diagnostic
 from .store import CorruptWeights, JobStore, delete_tree
 
 log = logging.getLogger("raytransfer.sweep")
@@ -55,7 +55,7 @@ def run_job(config: dict):
         return
     started = time.time()
     attempt = store.count_attempt(key, {"node_id": node_id(), "host": config["host"]})
-    if spec["treatment"].startswith(DIAGNOSTIC_PREFIX):
+    if is_diagnostic(spec["treatment"]):
         tune.report(run_diagnostic_job(store, key, spec, config, started, attempt))
         return
     load_base = None
@@ -157,7 +157,7 @@ def job_resources(plan, args):
     diagnostic = resource_dict_to_pg_factory(diagnostic_resources(plan, args))
 
     def resources_of(config: dict):
-        return diagnostic if str(config.get("treatment", "")).startswith(DIAGNOSTIC_PREFIX) else network
+        return diagnostic if is_diagnostic(str(config.get("treatment", ""))) else network
     return resources_of
 
 
