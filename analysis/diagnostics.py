@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analysis.results import METRIC
+from raytransfer.diagnostics import ESTIMATOR_UNIT, estimator_pairs
 
 DIAGNOSTIC_FILES = ("diag1_cka_layers", "diag2_cka_transfers", "diag3_probe", "diag4_estimators")
 KIND_COLOURS = {"similar": "#d62728", "dissimilar": "#8c564b", "file": "#9467bd"}
@@ -165,16 +166,11 @@ def fig_estimators(diag: pd.DataFrame, tau: dict | None, rows: pd.DataFrame) -> 
     titles = [f"{ESTIMATOR_TITLES[e]} vs {t}<br>{_tau_text(tau, e, t)}" for t in treatments for e in estimators]
     fig = make_subplots(rows=2, cols=len(estimators), subplot_titles=titles, vertical_spacing=0.2,
                         horizontal_spacing=0.06)
-    unit = ["split_kind", "split_seed", "seed", "target_half"]
     shown = set()
     for r, treatment in enumerate(treatments, 1):
-        measured = rows[rows["treatment"] == treatment][unit + ["n", METRIC, "job_key"]]
+        measured = rows[rows["treatment"] == treatment][ESTIMATOR_UNIT + ["n", METRIC, "job_key"]]
         for c, estimator in enumerate(estimators, 1):
-            mine = diag[diag["kind"] == estimator]
-            if estimator == "leep":
-                pairs = measured.merge(mine[unit + ["value"]], on=unit)
-            else:
-                pairs = measured.merge(mine[unit + ["n", "value"]], on=unit + ["n"])
+            pairs = estimator_pairs(measured, diag[diag["kind"] == estimator], estimator)
             for kind, part in pairs.groupby("split_kind"):
                 fig.add_trace(go.Scatter(
                     x=part["value"], y=part[METRIC], mode="markers", name=f"{kind} split", legendgroup=kind,

@@ -165,6 +165,19 @@ def leep(source_probs, labels) -> float:
     return float(np.mean(np.log(expected)))
 
 
+ESTIMATOR_UNIT = ["split_kind", "split_seed", "seed", "target_half"]   # one estimate per layer n of each
+
+
+def estimator_pairs(measured, estimates, estimator: str):
+    """Measured rows (DataFrame with ESTIMATOR_UNIT and n) beside one estimator's values: at the same n,
+    split, training seed and target half; LEEP, one value per split x seed x target half, beside every n.
+    How transferability.json and the report's scatter both pair them."""
+    if estimator == "leep":
+        return measured.merge(estimates[ESTIMATOR_UNIT + ["value"]], on=ESTIMATOR_UNIT)
+    return measured.merge(estimates[ESTIMATOR_UNIT + ["n", "value"]].astype({"n": "int64"}),
+                          on=ESTIMATOR_UNIT + ["n"])
+
+
 def kendall_tau(x, y) -> tuple[float, float, int]:
     """Kendall's tau-b of two paired sequences, its two-sided p-value and the number of pairs used
     (pairs with a NaN left out); NaNs where fewer than 3 pairs remain or a side is constant."""

@@ -95,9 +95,8 @@ def transferability(diag: pd.DataFrame, table: pd.DataFrame) -> dict:
     at layer n and the measured accuracy of that treatment at n, over every n, split, training seed and
     target half. LEEP scores the source net's softmax, one value per split x seed x target, so its tau
     ranks splits only (its value ties across n)."""
-    from ..diagnostics import kendall_tau
+    from ..diagnostics import ESTIMATOR_UNIT, estimator_pairs, kendall_tau
 
-    unit = ["split_kind", "split_seed", "seed", "target_half"]
     out = {"metric": MEASURED_METRIC, "over": "n x split x training seed x target half", "estimators": {}}
     done = table[table["status"] == "done"] if "status" in table else table
     for estimator in ESTIMATORS:
@@ -106,11 +105,8 @@ def transferability(diag: pd.DataFrame, table: pd.DataFrame) -> dict:
             continue
         out["estimators"][estimator] = {}
         for treatment in MEASURED:
-            measured = done[done["treatment"] == treatment][unit + ["n", MEASURED_METRIC]]
-            if estimator == "leep":                          # one value per unit: the same for every n
-                pairs = measured.merge(mine[unit + ["value"]], on=unit)
-            else:
-                pairs = measured.merge(mine[unit + ["n", "value"]].astype({"n": "int64"}), on=unit + ["n"])
+            measured = done[done["treatment"] == treatment][ESTIMATOR_UNIT + ["n", MEASURED_METRIC]]
+            pairs = estimator_pairs(measured, mine, estimator)
             tau, p, used = kendall_tau(pairs["value"], pairs[MEASURED_METRIC])
             out["estimators"][estimator][treatment] = {"tau": _finite(tau), "p_value": _finite(p), "points": used}
     return out
