@@ -94,7 +94,8 @@ def test_smoke_sweep_as_a_ray_job_trains_on_autoscaled_gpu_workers(cluster, tmp_
     for t in ("baseA", "baseB"):
         assert (table.treatment == t).sum() == 1
     transfers = table[table.base_job_key.notna()]
-    assert set(transfers.base_weights_via) == {"object_store"}      # published once, fetched by key
+    assert set(transfers.base_weights_via) == {"object_store"}, \
+        [line for line in logs.splitlines() if "registry" in line or "object-store" in line]  # published once, fetched by key
 
     # what the storage keeps: records, final weights, Tune's experiment state, the results; no trial folders
     kept = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())

@@ -37,8 +37,9 @@ class WeightsRegistry:
         import tempfile
 
         self._refs = {}
-        os.chdir(tempfile.gettempdir())  # not the job's working dir: on a one-machine test cluster another
-                                         # node's runtime-env agent may delete that shared folder under us
+        os.chdir(tempfile.gettempdir())  # not the job's working dir: on a one-machine test cluster every node
+        # shares it, and each worker node that joins deletes and unpacks it again (Ray's agent does not know
+        # the others'); get_or_create_registry waits for this before any trial asks for a worker
 
     def store(self, key: str, uri: str):
         """Read a base's durable weights and put them in the object store: one copy, owned here (it
@@ -56,13 +57,22 @@ class WeightsRegistry:
         return sorted(self._refs)
 
 
-def get_or_create_registry(name: str):
-    """The registry, on the driver's node (the head: it outlives worker nodes that come and go)."""
+def get_or_create_registry(name: str, ready_timeout: float = 120):
+    """The registry, on the driver's node (the head: it outlives worker nodes that come and go), up and
+    answering before any trial starts. A registry that cannot start costs speed, not results: one
+    warning, and every base goes through storage. If its process dies mid-sweep, Ray restarts it empty;
+    bases published before then are read from storage."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return WeightsRegistry.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-                                   scheduling_strategy=here).remote()
+    reg = WeightsRegistry.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                                  max_restarts=-1, scheduling_strategy=here).remote()
+    try:
+        ray.get(reg.keys.remote(), timeout=ready_timeout)
+    except Exception as e:
+        print(f"[sweep] warning: the weights registry did not start ({type(e).__name__}: {e}); "
+              "bases reach their transfers through storage", flush=True)
+    return reg
 
 
 def _registry(name: str):
@@ -84,6 +94,7 @@ def publish(name: str, key: str, uri: str) -> bool:
     the truth."""
     reg = _registry(name)
     if reg is None:
+        log.warning("weights registry %s not found: %s is only in storage", name, key)
         return False
     try:
         ray.get(reg.store.remote(key, uri), timeout=300)
@@ -107,12 +118,16 @@ def fetch_ref(name: str, key: str):
     """[ObjectRef] of a base's weights in the object store, or None (then use its URI)."""
     reg = _registry(name)
     if reg is None:
+        log.warning("weights registry %s not found: reading %s from storage", name, key)
         return None
     try:
-        return ray.get(reg.get_ref.remote(key), timeout=30)
+        ref = ray.get(reg.get_ref.remote(key), timeout=30)
     except Exception as e:                            # actor gone mid-call: fall back to the URI
         log.warning("weights registry unavailable (%s): reading %s from storage", e, key)
         return None
+    if ref is None:                                   # never published, or the registry restarted empty
+        log.warning("weights registry has no copy of %s: reading it from storage", key)
+    return ref
 
 
 def fetch_base(name: str, key: str, uri: str) -> tuple[dict, str]:
