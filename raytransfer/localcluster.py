@@ -5,6 +5,8 @@ trials wait for them and removed when idle (their GPUs are Ray resources without
 and benchmarks start it on their own ports and temp dir and stop only its processes -- `ray stop`
 would end every Ray process of the machine. Every process of the cluster descends from one
 `ray start` run in a new session, so they share its session id; stopping ends exactly that session.
+Its nodes also share one temp dir: each worker node that joins deletes and unpacks a job's working dir
+there again, so a head process whose cwd is that folder loses it (a real cluster's nodes have their own disks).
 
     cluster = LocalCluster.start("clusters/local-autoscaling.yaml", temp_dir="/tmp/rtx")
     ... ray job submit --address {cluster.dashboard_url} ... / ray.init(cluster.address)
