@@ -125,8 +125,8 @@ def fetch_ref(name: str, key: str):
     except Exception as e:                            # actor gone mid-call: fall back to the URI
         log.warning("weights registry unavailable (%s): reading %s from storage", e, key)
         return None
-    if ref is None:                                   # never published, or the registry restarted empty
-        log.warning("weights registry has no copy of %s: reading it from storage", key)
+    if ref is None:      # a base done in an earlier run, a net a diagnostic reads, or a registry restarted empty
+        log.info("weights registry has no copy of %s: reading it from storage", key)
     return ref
 
 
