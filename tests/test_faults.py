@@ -301,9 +301,11 @@ def test_d_registry_killed_mid_sweep_transfers_read_their_base_from_storage(clus
                 a for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith("raytransfer-weights-")], proc, every=0.05)
             assert len(registry) == 1, registry                     # one registry, this sweep's
+            handle = ray.get_actor(registry[0]["name"], namespace=registry[0]["namespace"])  # now: it imports
+            # the registry's module here (seconds), and the smoke transfers are done seconds after their base
             wait_for("a base's record", lambda: any(r["config"]["treatment"].startswith("base")
                                                     for r in records(out).values()), proc, every=0.02)
-            ray.kill(ray.get_actor(registry[0]["name"], namespace=registry[0]["namespace"]), no_restart=True)
+            ray.kill(handle, no_restart=True)
             killed_at = time.time()
         except BaseException:
             proc.kill()

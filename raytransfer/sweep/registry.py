@@ -60,13 +60,12 @@ class WeightsRegistry:
 def get_or_create_registry(name: str, ready_timeout: float = 120):
     """The registry, on the driver's node (the head: it outlives worker nodes that come and go), up and
     answering before any trial starts. A registry that cannot start costs speed, not results: one
-    warning, and every base goes through storage. If its process dies mid-sweep, Ray restarts it empty;
-    bases published before then are read from storage."""
+    warning, and every base goes through storage (as after it dies mid-sweep)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     reg = WeightsRegistry.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-                                  max_restarts=-1, scheduling_strategy=here).remote()
+                                  scheduling_strategy=here).remote()
     try:
         ray.get(reg.keys.remote(), timeout=ready_timeout)
     except Exception as e:
@@ -125,7 +124,7 @@ def fetch_ref(name: str, key: str):
     except Exception as e:                            # actor gone mid-call: fall back to the URI
         log.warning("weights registry unavailable (%s): reading %s from storage", e, key)
         return None
-    if ref is None:      # a base done in an earlier run, a net a diagnostic reads, or a registry restarted empty
+    if ref is None:      # a base done in an earlier run, or a net a diagnostic reads
         log.info("weights registry has no copy of %s: reading it from storage", key)
     return ref
 
