@@ -210,7 +210,7 @@ def _specificity(nets: pd.DataFrame, left_out: int) -> dict:
 
 def convergence_summary(rows: pd.DataFrame, rule: str) -> dict:
     """Which bases converged by `rule`, and what a second full schedule from a base's own weights gives
-    (BnB+ at the deepest n: the base trained again; a converged base gains nothing)."""
+    (BnB+ at the deepest n: the base trained again; what fine-tuning gains from a second schedule, not transfer)."""
     bases = rows[rows["treatment"].isin(BASE_TREATMENTS)]
     known = bases[bases["converged"].isin([True, False])] if "converged" in bases else bases.iloc[:0]
     short = known[known["converged"].eq(False)]

@@ -292,8 +292,8 @@ def convergence_html(convergence: dict | None) -> str:
         bounds = "" if gain["interval"] is None else (f", 95 % interval {100 * gain['interval'][0]:+.1f} to "
                                                       f"{100 * gain['interval'][1]:+.1f}")
         second = (f" A second full schedule from a base's own weights (BnB+ at n = {gain['n']}) gained "
-                  f"{100 * gain['estimate']:+.1f} points{bounds} ({gain['networks']} networks): near zero when "
-                  "the bases had converged.")
+                  f"{100 * gain['estimate']:+.1f} points{bounds} ({gain['networks']} networks): what a fine-tuned "
+                  "net gains from training again rather than from transfer; set it beside AnB+ minus its base.")
     return (f'<p id="convergence">Convergence rule: {html.escape(convergence["rule"])}. {state}'
             f"{html.escape(second)}</p>")
 
