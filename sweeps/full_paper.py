@@ -9,7 +9,7 @@ Expect: BnB dips at n = 3..5 (co-adaptation), AnB falls with n (specificity; fas
 dissimilar split), AnB+ beats the base (fine-tuning boost), random frozen layers fail from n = 3.
 
 Cost: the embedded default (synthetic data, demo scale: 3 training seeds x 2 splits x n = 1, 3, 5, 7, 138
-networks trained to their plateau + 18 diagnostics) takes about 13 minutes on 2 CPU cores;
+networks trained to their plateau + 18 diagnostics) takes about 11 minutes on 2 CPU cores;
 `--scale paper` with the paper's four random splits and the dissimilar one in both directions is
 320 networks (12 of them reduced-volume), ~330 H100-hours (see `--dry-run`).
 
