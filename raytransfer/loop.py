@@ -73,7 +73,7 @@ def train_one_epoch(model, optimizer, loader, device, recipe: Recipe, step: int,
         lr = recipe.lr_at(step, total_steps) * lr_factor
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
-        if recipe.channels_last:
+        if recipe.channels_last and images.dim() == 4:      # (a frozen prefix's looked-up outputs may be flat)
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast():
             loss = F.cross_entropy(model(images), labels, label_smoothing=recipe.label_smoothing)

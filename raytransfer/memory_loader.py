@@ -67,8 +67,34 @@ class MemoryLoader:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.num_samples = len(labels)
+        self.lookup = None                         # precompute(): every train input's f(input), by crop
         if not train:                              # the centre crop, normalised once
             self.fixed = self._normalise(self._crop(torch.arange(len(labels)), *self._centre(len(labels))))
+
+    def variants(self) -> int:
+        """How many distinct inputs an image can give: crop offsets x mirror (the centre crop for val)."""
+        return (self.images.shape[1] - self.size + 1) ** 2 * 2 if self.train else 1
+
+    def precompute(self, f, chunk: int = EVAL_BATCH):
+        """From now on yield f(input) in place of each input, f computed once for every input this loader can
+        yield (each image at each crop offset and mirror); the batches stay those of the same seeded draws."""
+        if not self.train:
+            self.fixed = torch.cat([f(self.fixed[i:i + chunk].to(self.device)) for i in range(0, len(self.fixed), chunk)])
+            return
+        shifts, count = self.images.shape[1] - self.size + 1, len(self.labels)
+        lookup = None
+        for top in range(shifts):
+            for left in range(shifts):
+                for mirror in (0, 1):
+                    for start in range(0, count, chunk):
+                        index = torch.arange(start, min(count, start + chunk))
+                        at = lambda v: torch.full((len(index),), v)
+                        out = f(self._normalise(self._crop(index, at(top), at(left), at(mirror).bool())).to(self.device))
+                        if lookup is None:
+                            lookup = torch.empty((shifts, shifts, 2, count) + out.shape[1:], dtype=out.dtype,
+                                                 device=out.device)
+                        lookup[top, left, mirror, start:start + len(index)] = out
+        self.lookup = lookup
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -106,6 +132,9 @@ class MemoryLoader:
             top = torch.randint(0, side - self.size + 1, (len(index),), generator=gen)
             left = torch.randint(0, side - self.size + 1, (len(index),), generator=gen)
             mirror = torch.rand(len(index), generator=gen) < 0.5
+            if self.lookup is not None:
+                yield self.lookup[top, left, mirror.long(), index], self.labels[index].to(self.device)
+                continue
             images = self._normalise(self._crop(index, top, left, mirror))
             yield images.to(self.device), self.labels[index].to(self.device)
 

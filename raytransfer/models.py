@@ -59,6 +59,16 @@ class TransferableNet(nn.Module):
             table.append(Layer(name, modules, tuple(p + "." for p in prefixes)))
         return table
 
+    def stages(self) -> list:
+        """One callable per entry of the layer table, in order: the forward pass is them applied in turn. The
+        first n are a transfer's frozen prefix (computed once per input: frozen_prefix.py), the rest its trained part."""
+        raise NotImplementedError
+
+    def run_stages(self, x, start: int = 0, stop: int | None = None):
+        for stage in self.stages()[start:stop]:
+            x = stage(x)
+        return x
+
     def train(self, mode: bool = True):
         super().train(mode)
         if mode and self.frozen_layers:
@@ -152,15 +162,19 @@ class CaffeNet(TransferableNet):
         x = getattr(self, name)(x)
         return F.relu(getattr(self, f"{name}_bn")(x) if self.norm == "batch" else x)
 
+    def stages(self):
+        layer, pool = self._layer, self.pool
+        return [lambda x: self.norm1(pool(layer("conv1", x))),      # paper: pool before LRN
+                lambda x: self.norm2(pool(layer("conv2", x))),
+                lambda x: layer("conv3", x),
+                lambda x: layer("conv4", x),
+                lambda x: pool(layer("conv5", x)).flatten(1),
+                lambda x: layer("fc6", x),
+                lambda x: layer("fc7", self.drop6(x)),             # dropout on fc6's output, on even when fc6 is
+                lambda x: self.fc8(self.drop7(x))]                  # frozen (the paper); fc7's likewise
+
     def forward(self, x):
-        x = self.norm1(self.pool(self._layer("conv1", x)))     # paper: pool before LRN
-        x = self.norm2(self.pool(self._layer("conv2", x)))
-        x = self._layer("conv3", x)
-        x = self._layer("conv4", x)
-        x = self.pool(self._layer("conv5", x)).flatten(1)
-        x = self.drop6(self._layer("fc6", x))                    # dropout stays on even when fc6 is frozen
-        x = self.drop7(self._layer("fc7", x))
-        return self.fc8(x)
+        return self.run_stages(x)
 
 
 # paper: weights N(0, 0.01) (fc6/fc7 N(0, 0.005)); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0
@@ -223,6 +237,11 @@ class ResNet18(TransferableNet, torchvision.models.ResNet):
 
     def layer_specs(self):
         return [("stem", ("conv1", "bn1"))] + [(name, (name,)) for name in self.LAYERS[1:]]
+
+    def stages(self):                                # torchvision's _forward_impl, a stage per layer of the table
+        blocks = [self.get_submodule(name) for name in self.LAYERS[1:-1]]
+        return ([lambda x: self.maxpool(self.relu(self.bn1(self.conv1(x))))] + blocks
+                + [lambda x: self.fc(torch.flatten(self.avgpool(x), 1))])
 
 
 LAYER_NAMES = {"caffenet": CaffeNet.LAYERS, "resnet18": ResNet18.LAYERS}

@@ -153,15 +153,15 @@ RECIPES = {
     # own size; other datasets are resized to 32 px in the loader), trained to convergence in a CPU budget
     # (measured, benchmarks/RESULTS.md): batch norm in place of LRN (with LRN the net was still rising after
     # 40 epochs), no dropout (it stalls learning at this width), conv1 at stride 2 (1.8x the throughput),
-    # the half held in memory with seeded crops (a rerun is the same computation; 1.04x); 48 epochs of the
-    # demo's 1,152-image half at batch 64 (1.3x the images a second of batch 32) with x0.1 at 50 % and 70 %:
-    # less time than 64 epochs of a half of 576 images at batch 32, with bases 5-15 points higher and steadier
-    # from seed to seed; validation top-1 flat over the last 30 %, but a second full schedule from a base's own
-    # weights gains about 5 points, also after twice the epochs (each net records its plateau:
-    # raytransfer/convergence.py; benchmarks/RESULTS.md).
+    # the half held in memory with seeded crops (a rerun is the same computation; frozen layers run once per
+    # crop: frozen_prefix.py); batch 64 (1.3x the images a second of batch 32). 128 epochs of the demo's
+    # 1,152-image half, x0.1 at 60 % and 70 %: a long high-rate phase, then 30 % at the final rate, where the
+    # convergence rule's two windows (70-80 %, 90-100 %) both fall. With 48 epochs (x0.1 at 50 % and 70 %)
+    # every base was flat at its end, yet a second full schedule from its own weights gained 5 points and a
+    # base trained for 192 epochs stood 11 points higher: fine-tuned nets were measuring that extra training.
     "demo": Recipe("demo", width=0.125, fc_width=0.0625, init="kaiming", dropout=0.0, norm="batch", stem_stride=2,
                    input="memory", crop_size=30, resize_size=32, batch_size=64, lr=0.1, warmup_fraction=0.05,
-                   epochs=48, milestones=(0.5, 0.7), evals_per_epoch=1, channels_last=True),
+                   epochs=128, milestones=(0.6, 0.7), evals_per_epoch=1, channels_last=True),
     # For tests and trying things out: the demo's layers, a few epochs (not converged: a smoke test of the
     # code), at conv1 stride 1 on 28 px crops read through FFCV: the input path real datasets take.
     "smoke": Recipe("smoke", width=0.125, fc_width=0.0625, init="kaiming", dropout=0.0, norm="batch", crop_size=28,

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from .frozen_prefix import frozen_prefix
 from .loaders import CropSpec, build_half_loaders
 from .loop import fit, unwrap
 from .recipes import recipe_from_dict
@@ -74,6 +75,9 @@ def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, 
                                  expect_fingerprint=spec.get("dataset_fingerprint"), normalize=recipe.normalize,
                                  mean_classes=spec.get("mean_classes"), per_class=spec.get("k") or None,
                                  input=recipe.input)
+    if mode in ("frozen", "random_frozen") and model is net:    # layers 1..n once per input, not once per step
+        steps = max(1, len(loaders.train))
+        model, loaders = frozen_prefix(net, n, loaders, -(-recipe.total_steps(steps * recipe.batch_size) // steps))
     copied = [l.name for l in unwrap(net).layer_table()[:n]] if mode == "finetune" else ()
     epoch_log = [] if resume_state is None else list(resume_state.get("epoch_log", []))
 

@@ -5,7 +5,8 @@ prepare time are the class means; the paper loader yields crop(image) - crop(mea
 position and mirror; a transfer subtracts its base's mean image; fc8 has 1000 outputs and the loss uses
 every logit; the two bases start apart, each reproducible; evaluations fall on the recipe's iteration
 cadence; a reduced_k job sees exactly k images per class; netbase, random_frozen on the whole dataset and
-reduced_k appear in --dry-run with the right dependencies.
+reduced_k appear in --dry-run with the right dependencies; the default grid's dissimilar split holds frozen
+transfers only, as the paper's did.
 """
 from __future__ import annotations
 
@@ -342,8 +343,9 @@ def paper_data(tmp_path_factory):
 def dry_run(capsys, argv) -> dict:
     from raytransfer.sweep.runner import main
 
-    grid = runpy.run_path(str(ROOT / "sweeps" / "full_paper.py"))["GRID"]
-    assert main(grid, argv + ["--dry-run", "--no-report"], name="full_paper") == 0
+    sweep = runpy.run_path(str(ROOT / "sweeps" / "full_paper.py"))
+    assert main(sweep["GRID"], argv + ["--dry-run", "--no-report"], name="full_paper",
+                split_treatments=sweep["SPLIT_TREATMENTS"]) == 0
     rows = {}
     for line in capsys.readouterr().out.splitlines():
         parts = line.split()
@@ -378,6 +380,21 @@ def test_dry_run_reduced_k_flag_and_demo_defaults(capsys, tmp_path, monkeypatch)
     assert not any(k.startswith("whole") for k in table)                  # smoke/demo: random_frozen on halves
     table = dry_run(capsys, base + ["--reduced-k", "1,3"])
     assert sorted(k.split("-")[3] for k in table if k.startswith("whole-reduced_k")) == ["k1", "k3"]
+
+
+def test_dry_run_default_grid_runs_the_dissimilar_split_with_frozen_transfers_only(capsys, tmp_path, monkeypatch):
+    """The paper trained no fine-tuned, selffer, random-frozen or scratch net on its dissimilar split; neither does
+    the default grid. --treatments asks for its treatments on every split."""
+    monkeypatch.setenv("RAYTRANSFER_CACHE", str(tmp_path / "cache"))
+    base = ["--scale", "smoke", "--n", "1,7", "--train-seeds", "0", "--out", str(tmp_path)]
+    kinds = lambda table, split: Counter(k.split("-")[1] for k in table if k.startswith(split))
+    table = dry_run(capsys, base)
+    assert kinds(table, "dissimilar") == {"baseA": 1, "baseB": 1, "AnB": 2}
+    assert kinds(table, "similar") == {"baseA": 1, "baseB": 1, "AnB": 2, "BnB": 2, "AnBp": 2, "BnBp": 2,
+                                       "random_frozen": 2, "scratch": 1}
+    assert all(table[k].startswith("dissimilar0-baseA-A-") for k in table if k.startswith("dissimilar0-AnB-"))
+    table = dry_run(capsys, base + ["--treatments", "AnB+,BnB"])
+    assert kinds(table, "dissimilar") == kinds(table, "similar") == {"baseA": 1, "baseB": 1, "AnBp": 2, "BnB": 2}
 
 
 def test_report_draws_reduced_volume_beside_the_papers_curve_and_random_frozen_against_netbase(tmp_path):

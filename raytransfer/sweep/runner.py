@@ -57,8 +57,8 @@ SCALES = {
     # budget; with 48 the bases were 10-15 points lower and moved 7 points from seed to seed, which swamped
     # the findings; 480 validation images keep an evaluation's noise near 2 points). Three training seeds:
     # each finding rests on paired differences over units of split x training seed, and an interval needs
-    # several; so that converged nets fit a 2-core budget, every other layer (n = 1, 3, 5, 7; --n 1-7 for
-    # all, about twice the time). Diagnostics on: 5-12 s of CPU per split x seed (benchmarks/RESULTS.md)
+    # several; so that converged nets fit a 2-core budget, every other layer (n = 1, 3, 5, 7; --n 1-7 for all
+    # seven). Diagnostics on: 5-12 s of CPU per split x seed (benchmarks/RESULTS.md)
     "demo": Scale("demo", SyntheticSpec(classes_per_superclass=3, train_per_class=96, val_per_class=40),
                   train_seeds=(0, 1, 2),
                   n=(1, 3, 5, 7), diagnostics=ALL_DIAGNOSTICS),
@@ -292,19 +292,21 @@ def grid_digest(jobs) -> str:
     return hashlib.sha256("\n".join(sorted(j.key for j in jobs)).encode()).hexdigest()[:10]
 
 
-def main(grid: dict, argv=None, name: str = "sweep") -> int:
+def main(grid: dict, argv=None, name: str = "sweep", split_treatments: dict | None = None) -> int:
+    """Run the sweep file's grid. `split_treatments` ({split kind: [treatments]}) narrows the treatment axis on
+    those splits (the paper ran its dissimilar split with frozen transfers only); --treatments lifts it."""
     parser = argparse.ArgumentParser(prog=f"{name}.py", description=(sys.modules["__main__"].__doc__ or "").split("\n")[0])
     add_sweep_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return run(grid, args, name)
+        return run(grid, args, name, split_treatments)
     except (SweepError, ValueError) as e:
         print(f"{name}.py: error: {e}", file=sys.stderr)
         return 2
 
 
-def run(grid: dict, args, name: str) -> int:
+def run(grid: dict, args, name: str, split_treatments: dict | None = None) -> int:
     # [1] check the inputs that need no cluster
     if args.scale not in SCALES:
         raise SweepError(f"unknown scale {args.scale!r}; expected one of {', '.join(SCALES)}")
@@ -338,7 +340,10 @@ def run(grid: dict, args, name: str) -> int:
     if not (args.splits or args.split_file):        # the sweep file's own splits: leave out what this data lacks
         grid, dropped = drop_dissimilar_without_superclasses(grid, dataset)
         notes.append(dropped)
-    jobs, splits = build_jobs(expand_axes(grid), dataset, recipe, reduced_k_of(args, scale))
+    axes = expand_axes(grid)
+    if split_treatments and not args.treatments:
+        axes = [a for a in axes if a["treatment"] in split_treatments.get(a["split"], [a["treatment"]])]
+    jobs, splits = build_jobs(axes, dataset, recipe, reduced_k_of(args, scale))
     jobs += build_diagnostic_jobs(jobs, diagnostic_kinds(args, scale), scale.diagnostic_settings)
     networks = [j for j in jobs if not j.is_diagnostic]         # the results table's rows
     for note in filter(None, notes):

@@ -1,0 +1,81 @@
+"""A frozen net's layers 1..n computed once per input (raytransfer/frozen_prefix.py) train the same net as
+the plain path, step for step; nets where the inputs are not a fixed finite set take the plain path."""
+import pytest
+import torch
+
+import raytransfer.trial as trial
+from raytransfer.frozen_prefix import Suffix, frozen_prefix, why_not
+from raytransfer.loaders import CropSpec, build_half_loaders
+from raytransfer.models import build_model
+from raytransfer.prepare import prepare
+from raytransfer.recipes import get_recipe
+from raytransfer.synthetic import SyntheticSpec
+from raytransfer.transfer import build_trial_network
+
+CPU = torch.device("cpu")
+SPEC = SyntheticSpec(seed=0, superclasses_per_family=2, classes_per_superclass=1, train_per_class=12, val_per_class=4)
+# the demo's net and input (30 px crops of 32 px images held in memory: 3 x 3 offsets x mirror = 18 inputs an
+# image), 20 epochs of 6 steps: more epochs than inputs, so the prefix is looked up
+RECIPE = get_recipe("demo", epochs=20, batch_size=8, milestones=(0.7,))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic4")
+    manifest = prepare("synthetic", None, out, resolution=None, format="raw", synthetic=SPEC)
+    return out, [c["id"] for c in manifest["classes"]]
+
+
+def spec(dataset, treatment, n, recipe=RECIPE):
+    return {"job_key": f"t.{treatment}.{n}", "data_dir": str(dataset[0]), "target_classes": dataset[1],
+            "treatment": treatment, "n": n, "seed": 3, "recipe": recipe.to_dict()}
+
+
+@pytest.mark.parametrize("arch,kw", [("caffenet", dict(width=0.125, resolution=30, norm="batch", stem_stride=2)),
+                                     ("caffenet", dict(width=0.125, resolution=32)),
+                                     ("resnet18", dict(width=0.125, resolution=32))])
+def test_stages_compose_to_the_forward_pass_at_every_cut(arch, kw):
+    torch.manual_seed(0)
+    net = build_model(arch, num_classes=5, **kw).eval()
+    x = torch.randn(3, 3, kw["resolution"], kw["resolution"])
+    assert len(net.stages()) == len(net.layer_table())
+    for n in range(len(net.stages()) + 1):
+        assert torch.equal(net.run_stages(net.run_stages(x, 0, n), n), net(x))
+
+
+@pytest.fixture(scope="module")
+def base(dataset):
+    return trial.run_trial(spec(dataset, "baseB", 0, get_recipe("demo", epochs=2, batch_size=8)), CPU)["state_dict"]
+
+
+@pytest.mark.parametrize("treatment,n", [("BnB", 7), ("BnB", 3), ("AnB", 1), ("random_frozen", 5)])
+def test_looked_up_prefix_trains_the_same_net_as_the_plain_path(dataset, base, monkeypatch, treatment, n):
+    used = []
+    real = trial.frozen_prefix
+    monkeypatch.setattr(trial, "frozen_prefix", lambda *a: used.append(real(*a)) or used[-1])
+    looked_up = trial.run_trial(spec(dataset, treatment, n), CPU, base_state=base)
+    assert isinstance(used[0][0], Suffix) and used[0][1].train.lookup is not None
+    monkeypatch.setattr(trial, "frozen_prefix", lambda net, n, loaders, epochs: (net, loaders))
+    plain = trial.run_trial(spec(dataset, treatment, n), CPU, base_state=base)
+    assert [e["val_top1"] for e in looked_up["epoch_log"]] == [e["val_top1"] for e in plain["epoch_log"]]
+    assert looked_up["top1_best10"] == plain["top1_best10"] and looked_up["frozen_check"] is True
+    for k, v in plain["state_dict"].items():
+        assert torch.allclose(looked_up["state_dict"][k].float(), v.float(), atol=1e-5), k
+
+
+def test_the_plain_path_where_the_inputs_are_not_a_fixed_finite_set(dataset):
+    def loaders_for(recipe, input="memory"):
+        return build_half_loaders(dataset[0], dataset[1], CropSpec("paper", recipe.crop_size, recipe.resize_size),
+                                  batch_size=8, device=CPU, seed=0, input=input)
+
+    def net_for(recipe, n=3):
+        return build_trial_network("caffenet", 4, None, n, "random_frozen", 0, recipe.arch_kwargs())
+
+    memory, streamed = loaders_for(RECIPE), loaders_for(RECIPE, input="ffcv")
+    assert why_not(net_for(RECIPE), 3, memory, 20) is None
+    assert "dropout" in why_not(net_for(get_recipe("demo", dropout=0.5)), 3, memory, 20)
+    assert "streamed" in why_not(net_for(RECIPE), 3, streamed, 20)
+    assert "less than once" in why_not(net_for(RECIPE), 3, memory, 18)
+    net = net_for(RECIPE)
+    model, same = frozen_prefix(net, 3, streamed, 20)
+    assert model is net and same is streamed
