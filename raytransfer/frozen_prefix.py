@@ -1,7 +1,7 @@
 """A frozen net's first n layers computed once per distinct input, not once per step.
 
 Why: a frozen transfer (AnB, BnB, random_frozen) runs layers 1..n forward at every step although they never
-change, and at the demo's 96 epochs that forward is most of a frozen net's cost. On the in-memory half
+change, and at the demo's 128 epochs that forward is most of a frozen net's cost. On the in-memory half
 (memory_loader.py) the inputs are finitely many: each image at each crop offset and mirror (3 x 3 x 2 for 30 px
 crops of 32 px images; the centre crop for validation). Their outputs through the frozen layers are computed
 once; each epoch draws the same crops from the same seeded generator as before and looks their outputs up.
@@ -58,17 +58,18 @@ def frozen_prefix(net: nn.Module, n: int, loaders, epochs: int):
         log.info("frozen prefix computed every step: %s", reason)
         return net, loaders
     was_training = net.training
-    net.eval()
-    prefix = lambda x: net.run_stages(x, 0, n)
-    sample = prefix(next(iter(loaders.val))[0][:1])
-    size = sample[0].numel() * sample.element_size() * loaders.train.variants() * loaders.train.num_samples
-    if size > MAX_BYTES:
+    net.eval()                                     # frozen batch norm in eval mode, also before the first train()
+    try:
+        prefix = lambda x: net.run_stages(x, 0, n)
+        sample = prefix(next(iter(loaders.val))[0][:1])
+        size = sample[0].numel() * sample.element_size() * loaders.train.variants() * loaders.train.num_samples
+        if size > MAX_BYTES:
+            log.info("frozen prefix computed every step: its outputs would take %.0f MB", size / 2**20)
+            return net, loaders
+        for loader in (loaders.train, loaders.val):
+            loader.precompute(prefix)
+    finally:
         net.train(was_training)
-        log.info("frozen prefix computed every step: its outputs would take %.0f MB", size / 2**20)
-        return net, loaders
-    for loader in (loaders.train, loaders.val):
-        loader.precompute(prefix)
-    net.train(was_training)
     log.info("frozen prefix: layers 1..%d of %d inputs computed once (%.0f MB)", n,
              loaders.train.variants() * loaders.train.num_samples, size / 2**20)
     return Suffix(net, n), loaders

@@ -127,7 +127,7 @@ def fit(model, recipe: Recipe, loaders, device, state: dict | None = None, repor
         history, start_epoch, step = list(state["history"]), state["epoch"] + 1, state["step"]
     steps_per_epoch = max(1, len(loaders.train))
     total_steps = recipe.total_steps(steps_per_epoch * recipe.batch_size)   # until_plateau: its cap
-    epochs = -(-total_steps // steps_per_epoch)
+    epochs = planned_epochs(recipe, loaders.train)
     lr_factor = 1.0
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if recipe.bf16 else nullcontext
     for epoch in range(start_epoch, epochs):
@@ -166,6 +166,12 @@ def fit(model, recipe: Recipe, loaders, device, state: dict | None = None, repor
             "top1_best10": best_k_mean(top1s, 10), "epochs": history[-1]["epoch"] + 1 if recipe.until_plateau else epochs,
             "steps": step, "evaluations": len(history),
             "plateau_rise": rise, "converged": bool(rise < PLATEAU_POINTS) if rise == rise else None}
+
+
+def planned_epochs(recipe: Recipe, train_loader) -> int:
+    """Epochs the recipe trains over this loader (until_plateau: at most)."""
+    steps_per_epoch = max(1, len(train_loader))
+    return -(-recipe.total_steps(steps_per_epoch * recipe.batch_size) // steps_per_epoch)
 
 
 def eval_stops(recipe: Recipe, epoch: int, steps_per_epoch: int) -> list[int]:

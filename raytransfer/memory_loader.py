@@ -13,6 +13,7 @@ stride 2 is). Validation is the centre crop, precomputed. Small datasets only (M
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -71,9 +72,13 @@ class MemoryLoader:
         if not train:                              # the centre crop, normalised once
             self.fixed = self._normalise(self._crop(torch.arange(len(labels)), *self._centre(len(labels))))
 
+    def _shifts(self) -> int:
+        """Crop offsets along each side."""
+        return self.images.shape[1] - self.size + 1
+
     def variants(self) -> int:
         """How many distinct inputs an image can give: crop offsets x mirror (the centre crop for val)."""
-        return (self.images.shape[1] - self.size + 1) ** 2 * 2 if self.train else 1
+        return self._shifts() ** 2 * 2 if self.train else 1
 
     def precompute(self, f, chunk: int = EVAL_BATCH):
         """From now on yield f(input) in place of each input, f computed once for every input this loader can
@@ -81,19 +86,16 @@ class MemoryLoader:
         if not self.train:
             self.fixed = torch.cat([f(self.fixed[i:i + chunk].to(self.device)) for i in range(0, len(self.fixed), chunk)])
             return
-        shifts, count = self.images.shape[1] - self.size + 1, len(self.labels)
+        shifts, count = self._shifts(), len(self.labels)
         lookup = None
-        for top in range(shifts):
-            for left in range(shifts):
-                for mirror in (0, 1):
-                    for start in range(0, count, chunk):
-                        index = torch.arange(start, min(count, start + chunk))
-                        at = lambda v: torch.full((len(index),), v)
-                        out = f(self._normalise(self._crop(index, at(top), at(left), at(mirror).bool())).to(self.device))
-                        if lookup is None:
-                            lookup = torch.empty((shifts, shifts, 2, count) + out.shape[1:], dtype=out.dtype,
-                                                 device=out.device)
-                        lookup[top, left, mirror, start:start + len(index)] = out
+        for top, left, mirror in itertools.product(range(shifts), range(shifts), (0, 1)):
+            for start in range(0, count, chunk):
+                index = torch.arange(start, min(count, start + chunk))
+                at = lambda v: torch.full((len(index),), v)
+                out = f(self._normalise(self._crop(index, at(top), at(left), at(mirror).bool())).to(self.device))
+                if lookup is None:
+                    lookup = torch.empty((shifts, shifts, 2, count) + out.shape[1:], dtype=out.dtype, device=out.device)
+                lookup[top, left, mirror, start:start + len(index)] = out
         self.lookup = lookup
 
     def set_epoch(self, epoch: int):
@@ -126,11 +128,11 @@ class MemoryLoader:
             return
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(len(self.labels), generator=gen)
-        side = self.images.shape[1]
+        shifts = self._shifts()
         for b in range(len(self)):
             index = order[b * self.batch_size:(b + 1) * self.batch_size]
-            top = torch.randint(0, side - self.size + 1, (len(index),), generator=gen)
-            left = torch.randint(0, side - self.size + 1, (len(index),), generator=gen)
+            top = torch.randint(0, shifts, (len(index),), generator=gen)
+            left = torch.randint(0, shifts, (len(index),), generator=gen)
             mirror = torch.rand(len(index), generator=gen) < 0.5
             if self.lookup is not None:
                 yield self.lookup[top, left, mirror.long(), index], self.labels[index].to(self.device)

@@ -15,7 +15,7 @@ import torch
 
 from .frozen_prefix import frozen_prefix
 from .loaders import CropSpec, build_half_loaders
-from .loop import fit, unwrap
+from .loop import fit, planned_epochs, unwrap
 from .recipes import recipe_from_dict
 from .transfer import as_tensor, build_trial_network, frozen_state, init_seed_for, verify_frozen
 
@@ -76,8 +76,7 @@ def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, 
                                  mean_classes=spec.get("mean_classes"), per_class=spec.get("k") or None,
                                  input=recipe.input)
     if mode in ("frozen", "random_frozen") and model is net:    # layers 1..n once per input, not once per step
-        steps = max(1, len(loaders.train))
-        model, loaders = frozen_prefix(net, n, loaders, -(-recipe.total_steps(steps * recipe.batch_size) // steps))
+        model, loaders = frozen_prefix(net, n, loaders, planned_epochs(recipe, loaders.train))
     copied = [l.name for l in unwrap(net).layer_table()[:n]] if mode == "finetune" else ()
     epoch_log = [] if resume_state is None else list(resume_state.get("epoch_log", []))
 
