@@ -6,7 +6,9 @@ every epoch is a permutation plus one gather per batch for the paper's crop (a r
 the stored image and a mirror with probability 1/2), all drawn from a generator seeded by the trial seed
 and the epoch: a rerun, or a resumed epoch, sees the same batches. A training epoch of the demo net is
 1.04x the FFCV path's speed (benchmarks/demo_input.py); it is not what makes the demo fast (conv1 at
-stride 2 is). Validation is the centre crop, precomputed. Small datasets only (MAX_BYTES decoded).
+stride 2 is). Validation is the centre crop, precomputed. Small datasets only (MAX_BYTES decoded). A
+dataset stored larger than the recipe's side (a user's tree at 256 px) is held at that side, each image
+shrunk once as it is decoded: the same crops in its pixels as on the built-in data, none resized per step.
 
     train, val = memory_half(train_beton, val_beton, train_ids, val_ids, lut, side, size, mean, std, batch,
                              val_batch, seed, device)
@@ -28,8 +30,9 @@ _DECODERS: list = []           # their FFCV Loaders, kept: a collected one makes
 
 
 def decoded(beton, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every image of a beton at its stored side (uint8 NHWC) and its label, in dataset order (FFCV; the
-    whole square, so exact pixels; a skipped corrupt image's placeholder is resized to the side)."""
+    """Every image of a beton at `side` (uint8 NHWC) and its label, in dataset order (FFCV; the whole square:
+    exact pixels at the stored side, else each image resized once; a skipped corrupt image's
+    placeholder is resized to the side)."""
     key = (str(beton), os.path.getmtime(beton), side)
     if key not in _DECODED:
         from ffcv.fields.basics import IntDecoder
@@ -51,9 +54,10 @@ def decoded(beton, side: int) -> tuple[np.ndarray, np.ndarray]:
     return _DECODED[key]
 
 
-def fits(manifest: dict) -> bool:
-    """Does the whole dataset, decoded, stay under MAX_BYTES (what `decoded` holds)?"""
-    side = manifest["settings"]["resolution"] or 0
+def fits(manifest: dict, side: int | None = None) -> bool:
+    """Does the whole dataset, decoded at `side` (default: its stored side), stay under MAX_BYTES (what
+    `decoded` holds)?"""
+    side = side or manifest["settings"]["resolution"] or 0
     images = sum(manifest["counts"][split]["images"] for split in ("train", "val"))
     return 0 < side and images * side * side * 3 <= MAX_BYTES
 

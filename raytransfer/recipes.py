@@ -32,7 +32,8 @@ class Recipe:
     crop: str = "paper"                # 'paper': random crop_size square of the resize_size image + mirror; 'rrc'
     crop_size: int = 227
     resize_size: int = 256             # side of the square image crops are cut from (paper: 256); a dataset
-                                       # stored at another side is resized to it on the fly, in the loader
+                                       # stored at another side is resized to it in the loader (FFCV: each
+                                       # crop, every step; the memory input: each image once, as it is held)
     input: str = "ffcv"                # 'ffcv'; 'memory': a small dataset decoded once and held in memory, the
                                        # same crop in torch from a seeded generator (reproducible reruns)
     normalize: str = "mean_std"        # 'mean_std': (x - channel mean) / channel std; 'mean_image': x - the base

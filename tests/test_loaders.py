@@ -320,8 +320,43 @@ def test_memory_input_is_reproducible_from_the_seed_and_epoch(memory, xy):
         assert any(not torch.equal(x[0], y[0]) for x, y in zip(first, different))
 
 
+def test_memory_input_of_larger_stored_images_holds_them_at_the_crops_side(xy, tmp_path):
+    """The xy images stored at 4x their side (160 px) and read by the memory input with CropSpec(resize=40):
+    each image is shrunk once to 40 px and held, so the centre crops are the FFCV path's (its 128 px window
+    resized to 32), pixel for pixel, and every random crop is a 32 px slice of the 40 px picture (within
+    rounding: the 4x enlargement blurs its last column), at any of its 9 x 9 offsets, mirrored or not."""
+    from raytransfer.memory_loader import MemoryLoader
+
+    big = tmp_path / "big"
+    m = prepare("folder", xy[0].parent / "tree", big, resolution=4 * STORED, format="raw", workers=1)
+    crop = CropSpec("paper", CROP, resize=STORED)
+    held = build_half_loaders(big, HALF, crop, batch_size=4, device=CPU, seed=0, input="memory")
+    ffcv = build_half_loaders(big, HALF, crop, batch_size=4, device=CPU, seed=0)
+    assert isinstance(held.train, MemoryLoader) and held.train.images.shape[1:] == (STORED, STORED, 3)
+    want = np.concatenate([pixels(images, m) for images, _ in ffcv.val])
+    got = np.concatenate([pixels(images, m) for images, _ in held.val])
+    assert want.shape == got.shape and np.array_equal(got, want)
+    seen = []
+    for e in range(3):
+        held.train.set_epoch(e)
+        for images, _ in held.train:
+            for img in pixels(images, m):
+                xs, ys = np.rint(img[0, :, 0] / 6), np.rint(img[:, 0, 1] / 6)    # red = 6x, green = 6y
+                mirrored = bool(xs[0] > xs[-1])
+                ox, oy = int(xs.min()), int(ys[0])
+                step = np.arange(CROP)
+                assert (xs == (ox + step[::-1] if mirrored else ox + step)).all() and (ys == oy + step).all()
+                seen.append((ox, oy, mirrored))
+    assert len(seen) == 3 * 16
+    assert all(0 <= ox <= STORED - CROP and 0 <= oy <= STORED - CROP for ox, oy, _ in seen)
+    assert len({(ox, oy) for ox, oy, _ in seen}) >= 4 and {mi for *_, mi in seen} == {True, False}
+
+
 def test_memory_input_falls_back_to_ffcv_where_it_does_not_apply(xy):
     from raytransfer.loaders import HalfLoader
 
     rrc = build_half_loaders(xy[0], HALF, CropSpec("rrc", CROP), batch_size=4, device=CPU, seed=0, input="memory")
     assert isinstance(rrc.train, HalfLoader)
+    enlarged = build_half_loaders(xy[0], HALF, CropSpec("paper", CROP - 8, resize=2 * STORED), batch_size=4,
+                                  device=CPU, seed=0, input="memory")      # 12 px of the 40 px image, enlarged to 24
+    assert isinstance(enlarged.train, HalfLoader)
