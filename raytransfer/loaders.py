@@ -62,14 +62,22 @@ def crop_window(stored: int | None, crop: CropSpec, where="the dataset") -> int:
     return crop.size if crop.resize is None else max(1, round(stored * crop.size / crop.resize))
 
 
-def memory_side(stored: int, window: int, crop: CropSpec) -> int | None:
-    """Side at which the memory input holds a half: the stored side where the crop takes exact pixels; the
-    crop's resize side where the stored images are larger (each image shrunk once as it is decoded, then the
-    same crop in pixels of that side: 30 of 32 px as on the built-in data, in place of 240 of 256 px resized
-    at every step); None where the crop would enlarge the picture (FFCV then)."""
-    if window == crop.size:
-        return stored
-    return crop.resize if crop.resize is not None and stored > crop.resize else None
+def memory_side(manifest: dict, crop: CropSpec, input: str, normalize: str, world: int = 1) -> int | None:
+    """Side at which the memory input holds the dataset: the stored side where the crop takes exact pixels;
+    the crop's resize side where the stored images are larger (each image shrunk once as it is decoded, then
+    the same crop in pixels of that side: 30 of 32 px as on the built-in data, in place of 240 of 256 px
+    resized at every step). None where the trial reads through FFCV: another input, crop or normalisation,
+    several workers, a crop that would enlarge the picture, or a dataset too large to hold."""
+    stored = manifest["settings"]["resolution"]
+    if input != "memory" or crop.kind != "paper" or normalize != "mean_std" or world != 1:
+        return None
+    if crop_window(stored, crop) == crop.size:
+        side = stored
+    elif crop.resize is not None and stored > crop.resize:
+        side = crop.resize
+    else:
+        return None
+    return side if memory_loader.fits(manifest, side) else None
 
 
 def half_indices(labels: np.ndarray, half_labels) -> tuple[np.ndarray, np.ndarray]:
@@ -245,9 +253,8 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
     world, rank = 1, 0
     if distributed:
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    side = memory_side(stored, window, crop)
-    in_memory = (input == "memory" and crop.kind == "paper" and side is not None and normalize == "mean_std"
-                 and world == 1 and memory_loader.fits(manifest, side))
+    side = memory_side(manifest, crop, input, normalize, world)
+    in_memory = side is not None
     if input == "memory" and not in_memory:
         log.info("input 'memory' applies to paper crops of images stored at or above the recipe's side, mean/std "
                  "input, one worker and datasets under %d MB decoded: this trial reads through FFCV",

@@ -237,8 +237,7 @@ def check_resolution(dataset: Dataset, recipe: Recipe) -> str | None:
     """The recipe's image side against the dataset's stored one: one error where the loader would have to
     enlarge images past the crop, a note where it resizes them (once, into memory, or on the fly), None where
     they agree."""
-    from .. import memory_loader
-    from ..loaders import CropSpec, crop_window
+    from ..loaders import CropSpec, crop_window, memory_side
     from ..prepare import read_manifest
 
     manifest = read_manifest(dataset.data_dir)
@@ -251,11 +250,13 @@ def check_resolution(dataset: Dataset, recipe: Recipe) -> str | None:
         raise SweepError(f"--data {dataset.data_dir} holds {held}; recipe {recipe.name} cuts {recipe.crop_size} px "
                          f"crops from {want} px images and never enlarges a stored image past its crop: prepare "
                          f"the dataset at {want} px, `{command}`, and rerun with that --data")
-    if recipe.input == "memory" and recipe.crop == "paper" and stored > want and memory_loader.fits(manifest, want):
+    crop = CropSpec(recipe.crop, recipe.crop_size, want)
+    side = memory_side(manifest, crop, recipe.input, recipe.normalize)
+    if side is not None and side != stored:
         return (f"{dataset.data_dir} holds {stored} px images; recipe {recipe.name} cuts {recipe.crop_size} px crops "
-                f"from {want} px images, so each one-worker trial shrinks the images to {want} px once, as it "
+                f"from {want} px images, so each one-worker trial shrinks the images to {side} px once, as it "
                 f"loads them into memory")
-    window = crop_window(stored, CropSpec(recipe.crop, recipe.crop_size, want))
+    window = crop_window(stored, crop)
     return (f"{dataset.data_dir} holds {stored} px images; recipe {recipe.name} cuts {recipe.crop_size} px crops from "
             f"{want} px images, so the loader resizes each crop on the fly ({window} px of the stored image to "
             f"{recipe.crop_size} px). To load faster, store them at {want} px: `{command}`")
