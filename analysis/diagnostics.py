@@ -56,9 +56,31 @@ def _empty(fig: go.Figure, text: str) -> go.Figure:
     return fig
 
 
-def fig_cka_layers(diag: pd.DataFrame) -> go.Figure:
+SHARED_INIT = ("baseA and baseB started from one initialisation (the recipe's independent_bases is off): their CKA "
+               "measures a shared start as much as shared features")
+
+
+def bases_share_init(rows: pd.DataFrame) -> bool:
+    """Did the rows' bases start from one init? Each base row's recipe (its name and --set overrides) says."""
+    from raytransfer.recipes import RECIPES, RecipeError, get_recipe, parse_overrides
+
+    bases = rows[rows["treatment"].isin(["baseA", "baseB"])]
+    for name, overrides in set(zip(bases["recipe"], bases.get("recipe_set", pd.Series("", index=bases.index)))):
+        if name not in RECIPES:
+            continue
+        try:
+            recipe = get_recipe(name, **parse_overrides([o for o in str(overrides or "").split(";") if o]))
+        except RecipeError:
+            recipe = RECIPES[name]
+        if not recipe.independent_bases:
+            return True
+    return False
+
+
+def fig_cka_layers(diag: pd.DataFrame, shared_init: bool = False) -> go.Figure:
     """CKA of every layer pair of baseA vs baseB, one heatmap per split kind (mean over split seeds,
-    training seeds and target halves), on the target half's validation images."""
+    training seeds and target halves), on the target half's validation images; `shared_init`: the bases
+    started from one init, which the title says."""
     ab = diag[(diag["kind"] == "cka") & (diag["treatment"] == "baseA-baseB")]
     kinds = [k for k in ("similar", "dissimilar", "file") if (ab["split_kind"] == k).any()]
     if not kinds:
@@ -78,8 +100,10 @@ def fig_cka_layers(diag: pd.DataFrame) -> go.Figure:
                       row=1, col=col)
         fig.update_xaxes(title_text="baseA layer", row=1, col=col)
         fig.update_yaxes(title_text="baseB layer", row=1, col=col)
-    fig.update_layout(title="6 · Layer similarity of baseA and baseB (linear CKA, minibatch estimator)",
-                      template="plotly_white", height=480)
+    title = "6 · Layer similarity of baseA and baseB (linear CKA, minibatch estimator)"
+    if shared_init:
+        title += f"<br><sup>{SHARED_INIT}</sup>"
+    fig.update_layout(title=title, template="plotly_white", height=480, margin=dict(t=110 if shared_init else 80))
     return fig
 
 
@@ -188,7 +212,8 @@ def fig_estimators(diag: pd.DataFrame, tau: dict | None, rows: pd.DataFrame) -> 
 
 
 def diagnostic_figures(diag: pd.DataFrame, tau: dict | None, rows: pd.DataFrame) -> dict[str, go.Figure]:
-    return dict(zip(DIAGNOSTIC_FILES, (fig_cka_layers(diag), fig_cka_transfers(diag), fig_probe(diag, rows),
+    return dict(zip(DIAGNOSTIC_FILES, (fig_cka_layers(diag, bases_share_init(rows)), fig_cka_transfers(diag),
+                                       fig_probe(diag, rows),
                                        fig_estimators(diag, tau, rows))))
 
 
@@ -213,7 +238,8 @@ def rows_note(diag: pd.DataFrame) -> str:
                "CKA is undefined there)" if nan else ""))
 
 
-def diagnostics_html(figs: dict[str, go.Figure], diag: pd.DataFrame, tau: dict | None, div) -> str:
+def diagnostics_html(figs: dict[str, go.Figure], diag: pd.DataFrame, tau: dict | None, div,
+                     shared_init: bool = False) -> str:
     """The report's section: what was measured, the tau table, the four figures (`div(fig, id)` renders one)."""
     return f"""<section id="diagnostics"><h2>What is transferred (diagnostics)</h2>
 <p class="notes">Measured in the same sweep, on the target half's images, from the trained nets' weights:
@@ -222,5 +248,6 @@ al. 2021 on flattened layer outputs; linear probes (logistic regression) on base
 outputs; H-score, LogME and LEEP from baseA's layer n on half B, before any transfer trained; Kendall's τ
 pairs each with the measured {METRIC} of AnB / AnB+ at the same n, split, seed and target half.</p>
 {tau_table_html(tau)}
+{f'<p class="notes" id="shared-init">{html.escape(SHARED_INIT)}.</p>' if shared_init else ""}
 {"".join(div(fig, name) for name, fig in figs.items())}
 </section>"""

@@ -16,18 +16,18 @@ and for an unresolved one `seeds_to_resolve`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from analysis.results import BASE_TREATMENTS
+from analysis.results import BASE_TREATMENTS, UNIT
 from analysis.stats import t_quantile
 
 CONFIDENCE = 0.95
-MIDDLE_N = (3, 6)          # co-adaptation: the paper's dip is at n = 3..5 (fragile co-adapted middle layers)
+MIDDLE_N = (3, 6)          # co-adaptation: the paper's BnB dips at n = 3..6 (fragile co-adapted middle layers)
 FINE_TUNED_N = (3, 7)      # fine-tuning boost: the paper's Table 1 row "3-7"
 RANDOM_N_MIN = 3           # random frozen layers fail from n = 3 in the paper
-UNIT = ("split_kind", "split_seed", "split", "seed")
 
 
 def interval(values) -> tuple[float, float, float]:
@@ -57,14 +57,46 @@ def _points(value: float) -> str:
     return f"{100 * value:+.1f} points"
 
 
-def usable(rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Networks with a base in the table whose base converged (or whose convergence is not recorded);
-    and how many were left out because their base did not converge."""
+@dataclass(frozen=True)
+class LeftOut:
+    """Networks left out of the findings for their base: it did not converge, or its convergence is unknown
+    (a table from before the sweep recorded `converged`, or a base whose row does not say)."""
+    not_converged: int = 0
+    unknown: int = 0
+
+    def __int__(self) -> int:
+        return self.not_converged + self.unknown
+
+    def fields(self) -> dict:
+        return {"left_out_unconverged_base": self.not_converged, "left_out_unknown_convergence": self.unknown}
+
+    def text(self) -> str:
+        parts = ([f"{self.not_converged} networks left out: their base did not converge."] if self.not_converged
+                 else [])
+        if self.unknown:
+            parts.append(f"{self.unknown} networks left out: their base's convergence is not recorded (a table from "
+                         "before the sweep recorded it): rerun those bases, or rebuild the table with a current "
+                         "sweep.")
+        return " ".join(parts)
+
+
+def usable(rows: pd.DataFrame) -> tuple[pd.DataFrame, LeftOut]:
+    """Networks with a base in the table whose base converged; and how many were left out because their base
+    did not converge or its convergence is unknown (NaN/None, or no `base_converged` column at all): a
+    comparison with a base that may have stopped short measures extra training, not transfer."""
     with_base = rows[rows["rel"].notna() & ~rows["treatment"].isin(BASE_TREATMENTS)]
-    if "base_converged" not in rows.columns:
-        return with_base, 0
-    short = with_base["base_converged"].eq(False)
-    return with_base[~short], int(short.sum())
+    known = (with_base["base_converged"] if "base_converged" in rows.columns
+             else pd.Series(None, index=with_base.index, dtype=object))
+    state = known.map(_truth)                                  # True / False / None (unknown)
+    converged, short = state.eq(True), state.eq(False)
+    return with_base[converged], LeftOut(not_converged=int(short.sum()), unknown=int(state.isna().sum()))
+
+
+def _truth(value) -> bool | None:
+    """True / False for a recorded convergence (bool, numpy bool, 1/0), None for NaN, None or anything else."""
+    if isinstance(value, (bool, np.bool_, int, float)) and value == value and value in (0, 1):
+        return bool(value)
+    return None
 
 
 def _per_unit(frame: pd.DataFrame) -> pd.Series:
@@ -86,21 +118,22 @@ def _answer(estimate, low, high, positive_is_yes: bool) -> str:
 
 
 def _finding(question: str, values: pd.Series, networks: int, positive_is_yes: bool, what: str,
-             left_out: int, lacking: str | None = None) -> dict:
+             left_out: LeftOut, lacking: str | None = None, unit: str | None = None) -> dict:
     result = {"question": question, "confidence": CONFIDENCE, "networks": int(networks), "units": int(len(values)),
-              "left_out_unconverged_base": int(left_out)}
+              **left_out.fields()}
     if lacking or len(values) == 0:
         result.update(answer="not enough rows", estimate=None, interval=None,
-                      text=f"not enough rows: {lacking or 'no networks with a converged base'}.")
+                      text=f"not enough rows: {lacking or 'no networks with a converged base'}."
+                           + (f" {left_out.text()}" if int(left_out) else ""))
         return result
     estimate, low, high = interval(values)
     answer = _answer(estimate, low, high, positive_is_yes)
     result.update(answer=answer, estimate=estimate, interval=None if math.isnan(low) else [low, high])
     bounds = "no interval from one unit" if math.isnan(low) else f"95 % interval {_points(low)} to {_points(high)}"
     result["text"] = (f"{answer}: {what} {_points(estimate)} ({bounds}; {networks} networks, {len(values)} "
-                      f"independent units of split × training seed).")
-    if left_out:
-        result["text"] += f" {left_out} networks left out: their base did not converge."
+                      f"independent units of {unit or 'split × training seed × target half'}).")
+    if int(left_out):
+        result["text"] += f" {left_out.text()}"
     if answer == "unresolved":
         need = units_to_resolve(values)
         if need is not None:
@@ -138,21 +171,39 @@ def science_check(rows: pd.DataFrame) -> dict:
         left_out=left_out,
         lacking=None if len(anbp) else f"no AnB+ network at n = {low}..{high} on the similar split with its base")
 
-    deep = nets[nets["n"] >= RANDOM_N_MIN]
-    pairs = deep[deep["treatment"].isin(["random_frozen", "AnB"])]
-    wide = pairs.pivot_table(index=list(UNIT) + ["n"], columns="treatment", values="rel", aggfunc="mean")
-    if {"random_frozen", "AnB"} <= set(wide.columns):
-        wide = wide.dropna(subset=["random_frozen", "AnB"])
-        diff = (wide["random_frozen"] - wide["AnB"]).groupby(level=list(range(len(UNIT)))).mean()
-        counted = pairs.set_index(list(UNIT) + ["n"]).index.isin(wide.index).sum()
-    else:
-        diff, counted = pd.Series(dtype=float), 0
-    found["random_vs_transfer"] = _finding(
-        f"Are random frozen layers below transferred ones (random_frozen − AnB, mean over n ≥ {RANDOM_N_MIN})?",
-        diff, int(counted), positive_is_yes=False, what=f"random_frozen minus AnB, n ≥ {RANDOM_N_MIN}, all splits:",
-        left_out=left_out,
-        lacking=None if len(diff) else f"no n ≥ {RANDOM_N_MIN} with both random_frozen and AnB networks and bases")
+    found["random_vs_transfer"] = _random_vs_transfer(nets, left_out)
     return found
+
+
+WHOLE_UNIT = ("seed",)     # random frozen nets on the whole dataset (the paper): one unit per training seed
+
+
+def _random_vs_transfer(nets: pd.DataFrame, left_out: int) -> dict:
+    """random_frozen − its base minus AnB − its base, per n ≥ RANDOM_N_MIN, then per unit. Random frozen nets on a
+    split's half (demo) pair with AnB in the same unit; on the whole dataset (the paper: all classes, against
+    netbase) they belong to no split, so both sides are averaged per training seed and n (AnB over every
+    split unit of that seed) and the unit is the training seed."""
+    deep = nets[nets["n"] >= RANDOM_N_MIN]
+    random_frozen, anb = deep[deep["treatment"] == "random_frozen"], deep[deep["treatment"] == "AnB"]
+    whole = len(random_frozen) > 0 and random_frozen["split_kind"].eq("whole").all()
+    unit = list(WHOLE_UNIT if whole else UNIT)
+    wide = pd.concat({"random_frozen": random_frozen.groupby(unit + ["n"])["rel"].mean(),
+                      "AnB": anb.groupby(unit + ["n"])["rel"].mean()}, axis=1).dropna()
+    diff = (wide["random_frozen"] - wide["AnB"]).groupby(level=list(range(len(unit)))).mean()
+    if len(unit) == 1:
+        diff.index.name = unit[0]
+    paired = wide.index
+    counted = sum(int(part.set_index(unit + ["n"]).index.isin(paired).sum()) for part in (random_frozen, anb))
+    against = ("random frozen layers on all classes minus netbase, against AnB minus its base averaged over the "
+               "splits; unit: training seed" if whole else "unit: split × training seed × target half")
+    result = _finding(
+        f"Are random frozen layers below transferred ones (random_frozen − AnB, mean over n ≥ {RANDOM_N_MIN})?",
+        diff, counted, positive_is_yes=False, what=f"random_frozen minus AnB, n ≥ {RANDOM_N_MIN} ({against}):",
+        left_out=left_out, unit="training seed" if whole else None,
+        lacking=None if len(diff) else f"no n ≥ {RANDOM_N_MIN} with both random_frozen and AnB networks and bases")
+    result["unit"] = "training seed (random frozen nets on the whole dataset)" if whole else \
+        "split × training seed × target half"
+    return result
 
 
 def welch_interval(a, b) -> tuple[float, float, float]:
@@ -187,7 +238,7 @@ def _specificity(nets: pd.DataFrame, left_out: int) -> dict:
     else:
         dissimilar, similar = units["dissimilar"], units["similar"]
         result = {"question": question, "confidence": CONFIDENCE, "networks": networks,
-                  "units": int(len(dissimilar) + len(similar)), "left_out_unconverged_base": int(left_out),
+                  "units": int(len(dissimilar) + len(similar)), **left_out.fields(),
                   "pairing": "none (independent units of each split kind)"}
         if min(len(dissimilar), len(similar)) < 2:
             estimate = float(dissimilar.mean() - similar.mean())
@@ -203,6 +254,8 @@ def _specificity(nets: pd.DataFrame, left_out: int) -> dict:
                           text=(f"{answer}: (AnB − base at n = 7, dissimilar) minus (the same, similar) "
                                 f"{_points(estimate)} (95 % Welch interval {_points(low)} to {_points(high)}; "
                                 f"{networks} networks, {len(dissimilar)} + {len(similar)} units)."))
+        if int(left_out):
+            result["text"] += f" {left_out.text()}"
     result["similar_AnB7_minus_base"] = float(units["similar"].mean())
     result["dissimilar_AnB7_minus_base"] = float(units["dissimilar"].mean())
     return result

@@ -122,7 +122,21 @@ def paper_rows(data: dict | None = None) -> pd.DataFrame:
     for n, values in random_frozen["frozen_random"].items():
         rows.append(_row(f"nolearn_1_{n}", "random_frozen", "whole", 0, "all", int(n), values[0],
                          random_final["frozen_random"][n][0]))
-    return normalise_rows(pd.DataFrame(rows))
+    return normalise_rows(pd.DataFrame(with_convergence(rows)))
+
+
+def with_convergence(rows: list[dict], path: Path = DATA_DIR / "paper_curves.json") -> list[dict]:
+    """Each row's `plateau_rise` and `converged` by the sweep's own rule, from the network's logged curve (the
+    bases and the random-frozen nets have one: every base rose by at most 0.1 point over its last 20 %)."""
+    from raytransfer.convergence import PLATEAU_POINTS, plateau_rise
+
+    curves = json.loads(Path(path).read_text())["curves"]
+    for row in rows:
+        points = curves.get(row["job_key"].removeprefix(KEY_PREFIX))
+        if points:
+            rise = plateau_rise([{"step": int(i), "val_top1": v} for i, v in points.items()], MAX_ITER)
+            row.update(plateau_rise=rise, converged=bool(rise < PLATEAU_POINTS) if rise == rise else None)
+    return rows
 
 
 def paper_reduced_curve(data: dict | None = None) -> pd.DataFrame:

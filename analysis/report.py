@@ -22,10 +22,10 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from analysis import figures
-from analysis.diagnostics import diagnostic_figures, diagnostics_html, load_diagnostics
+from analysis.diagnostics import bases_share_init, diagnostic_figures, diagnostics_html, load_diagnostics
 from analysis.findings import convergence_summary, science_check
 from analysis.results import (BASE_TREATMENTS, METRIC, REDUCED, SETTING_COLUMNS, SPLIT_KINDS, TREATMENTS,
-                              load_curves, load_rows, settings, split_label, with_base)
+                              input_wait_by_treatment, load_curves, load_rows, settings, split_label, with_base)
 from analysis.stats import table1
 from raytransfer.convergence import PLATEAU_RULE
 
@@ -123,23 +123,32 @@ def sweep_progress(results_dir: Path) -> str | None:
 
 
 def pick_setting(rows: pd.DataFrame, dataset=None, arch=None, recipe=None) -> tuple[pd.DataFrame, list[str]]:
-    """Keep one (dataset, arch, recipe): the one asked for, else the one with most rows.
-    Returns the rows and notes naming what was left out."""
-    wanted = {"dataset": dataset, "arch": arch, "recipe": recipe}
+    """Keep one setting (dataset, arch, the sweep's recipe and its --set overrides): the one asked for, else
+    the one with most rows. A sweep's reduced-volume nets (their own solver, e.g. paper_reduced) belong to
+    the setting of its recipe (paper). Returns the rows and notes naming what was left out."""
+    wanted = {"dataset": dataset, "arch": arch, "sweep_recipe": recipe}
     for column, value in wanted.items():
         if value is not None:
             if value not in set(rows[column]):
-                raise ValueError(f"no rows with {column} {value!r}; the table has {sorted(set(rows[column]))}")
+                raise ValueError(f"no rows with {column.replace('sweep_', '')} {value!r}; the table has "
+                                 f"{sorted(set(rows[column]))}")
             rows = rows[rows[column] == value]
     combos = settings(rows)
     if len(combos) <= 1:
         return rows, []
     chosen = combos[0]
     keep = (rows[list(SETTING_COLUMNS)].astype(str).agg("|".join, axis=1) == "|".join(chosen))
-    notes = [f"the table holds {len(combos)} settings (dataset, arch, recipe); this report shows "
-             f"{' / '.join(chosen)}; left out: {', '.join(' / '.join(c) for c in combos[1:])} "
-             "(pick one with --dataset/--arch/--recipe)"]
+    notes = [f"the table holds {len(combos)} settings (dataset, arch, recipe, --set overrides); this report shows "
+             f"{setting_text(chosen)}; left out: {', '.join(setting_text(c) for c in combos[1:])} "
+             "(pick one: raytransfer report RESULTS_DIR --dataset D --arch A --recipe R; python -m analysis "
+             "takes the same flags)"]
     return rows[keep], notes
+
+
+def setting_text(setting: tuple) -> str:
+    """A setting as the report names it: dataset / arch / recipe [overrides]."""
+    dataset, arch, recipe, overrides = setting
+    return f"{dataset} / {arch} / {recipe}" + (f" [{overrides}]" if overrides else "")
 
 
 def build_figures(rows: pd.DataFrame, curves: pd.DataFrame, paper: pd.DataFrame | None) -> dict[str, go.Figure]:
@@ -190,7 +199,7 @@ def build_report_from_rows(rows: pd.DataFrame, curves: pd.DataFrame, out_dir: Pa
         diag_figs = diagnostic_figures(diag, tau, rows)
         for name, fig in diag_figs.items():
             atomic_write(out_dir / f"{name}.html", lambda p: fig.write_html(p, include_plotlyjs=True, config=PLOT_CONFIG))
-        section = diagnostics_html(diag_figs, diag, tau, _div)
+        section = diagnostics_html(diag_figs, diag, tau, _div, shared_init=bases_share_init(rows))
     notes += missing_notes(rows, curves) + [export_static(figs, out_dir)]
 
     page = render_page(figs, check, rows, notes, source, progress, convergence, section)
@@ -258,6 +267,18 @@ def coverage_html(rows: pd.DataFrame) -> str:
     return f'<table class="coverage"><tr><th>split</th><th>treatment</th>{header}</tr>{body}</table>'
 
 
+def input_html(rows: pd.DataFrame) -> str:
+    """Per treatment and input path, the share of training time the step waited on its input (weighed by each
+    job's wall time): what the GPU-hours lost to input were; '' where no row recorded it."""
+    waits = input_wait_by_treatment(rows.to_dict("records")) if "input_wait_share" in rows else []
+    if not waits:
+        return ""
+    body = "".join(f"<tr><th>{html.escape(w['treatment'])}</th><td>{html.escape(w['input'])}</td>"
+                   f"<td>{w['networks']}</td><td>{100 * w['input_wait_share']:.1f} %</td></tr>" for w in waits)
+    return ('<h3>Time lost to input</h3><table class="coverage" id="input-wait"><tr><th>treatment</th><th>input</th>'
+            f"<th>networks</th><th>training time waiting on input</th></tr>{body}</table>")
+
+
 def _answer_class(answer: str) -> str:
     return {"yes": "answer-yes", "no": "answer-no"}.get(answer, "answer-not")
 
@@ -268,7 +289,7 @@ def science_html(check: dict, convergence: dict | None = None) -> str:
         f'{html.escape(part["answer"])}</span><br>{html.escape(part["text"])}</li>' for name, part in check.items())
     return (f'<section class="science" id="science-check"><b>The paper\'s findings</b> (from this table\'s own '
             f"rows; each network relative to the base of its target half; 95 % t intervals over independent "
-            f"units of split × training seed)<ul>{items}</ul>{convergence_html(convergence)}</section>")
+            f"units of split × training seed × target half)<ul>{items}</ul>{convergence_html(convergence)}</section>")
 
 
 def convergence_html(convergence: dict | None) -> str:
@@ -333,15 +354,15 @@ best validation evaluations) · built {html.escape(created)}</p>
 {_div(figs["fig4_layer_effects"], "fig4_layer_effects")}
 {_div(figs[REDUCED_FIGURE], REDUCED_FIGURE) if REDUCED_FIGURE in figs else ""}
 {diagnostics_section}
-<section class="notes"><h2>What the rows allow</h2>{coverage_html(rows)}<ul>{note_items}</ul>
+<section class="notes"><h2>What the rows allow</h2>{coverage_html(rows)}{input_html(rows)}<ul>{note_items}</ul>
 <p>Methods. "Its base": the base network trained on the row's target half with the same split and
 training seed; random_frozen is compared with the base of its own target half (netbase, the net on all
 classes, where it ran on the whole dataset as in the paper). Table 1 pooled: mean of
 all AnB+ networks with n in the range minus the mean of all base networks (resp. all BnB+ networks in the
 range), as the paper did; paired: each network minus its own base, averaged over the networks in the
 range. Figure 4: paired differences; 95% interval = estimate ± t(G − 1) × bootstrap standard error
-(× √(G/(G − 1))) over the G independent units, one unit = one (split kind, split seed, training seed),
-because every network of a unit starts from that unit's bases; 2000 resamples with a fixed seed. A
+(× √(G/(G − 1))) over the G independent units, one unit = one split (kind, seed, label), training seed
+and target half, because every network of a unit starts from that unit's bases; 2000 resamples with a fixed seed. A
 percentile interval would be far too narrow with the few units a sweep has. No interval where one unit
 holds all the networks.</p></section>
 </body></html>

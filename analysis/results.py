@@ -14,21 +14,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from raytransfer.diagnostics import UNIT  # noqa: F401  (re-exported: the findings and statistics use it)
+from raytransfer.recipes import REDUCED_RECIPE
+
 log = logging.getLogger(__name__)
 
 METRIC = "top1_best10"  # the paper's metric: mean of the 10 best validation evaluations
 BASE_TREATMENTS = ("baseA", "baseB", "base", "netbase")  # base/netbase: a net on the whole label set (paper's netbase)
 TRANSFER_TREATMENTS = ("BnB", "BnB+", "AnB", "AnB+", "random_frozen", "scratch")
 REDUCED = "reduced_k"  # all classes, the first k training images of each (reduced solver): its own figure
+SWEEP_RECIPE_OF = {reduced: recipe for recipe, reduced in REDUCED_RECIPE.items()}   # paper_reduced -> paper
 TREATMENTS = BASE_TREATMENTS + TRANSFER_TREATMENTS + (REDUCED,)
 SPLIT_KINDS = ("similar", "dissimilar", "file", "whole")  # file: the user's own halves; whole: all classes
 REQUIRED_COLUMNS = ("job_key", "split_kind", "split_seed", "seed", "treatment", "target_half", "n", METRIC)
 TEXT_COLUMNS = ("job_key", "dataset", "split_kind", "split", "treatment", "source_half", "target_half",
-                "layer", "arch", "recipe", "base_job_key", "status")
+                "layer", "arch", "recipe", "recipe_set", "base_job_key", "status", "input")
 NUMBER_COLUMNS = ("top1_final", "top5_final", "plateau_rise", "epochs", "train_images_per_s", "wall_s", "k",
-                  "images_per_class")
-SETTING_COLUMNS = ("dataset", "arch", "recipe")  # a base is only compared within one setting
-CURVE_COLUMNS = ("job_key", "epoch", "train_loss", "val_top1", "val_top5", "lr", "images_per_s")
+                  "images_per_class", "input_wait_share")
+# A setting is one sweep's way of training: a base is only compared within one, and a report shows one.
+# `sweep_recipe` is the recipe of the sweep a row belongs to: its own, but the reduced-volume nets' solver
+# (paper_reduced) counts as the recipe whose reduced solver it is (paper); `recipe_set` its --set overrides.
+SETTING_COLUMNS = ("dataset", "arch", "sweep_recipe", "recipe_set")
+# UNIT (raytransfer.diagnostics): the independent unit of every interval, split x training seed x target half.
+CURVE_COLUMNS = ("job_key", "epoch", "step", "train_loss", "val_top1", "val_top5", "lr", "images_per_s", "input_wait_s")
 
 
 def read_table(results_dir: Path) -> pd.DataFrame:
@@ -72,6 +80,8 @@ def normalise_rows(table: pd.DataFrame) -> pd.DataFrame:
     rows["seed"] = pd.to_numeric(rows["seed"], errors="coerce").fillna(0).astype(int)
     rows["n"] = pd.to_numeric(rows["n"], errors="coerce").fillna(0).astype(int)
     rows[METRIC] = pd.to_numeric(rows[METRIC], errors="coerce")
+    rows["sweep_recipe"] = [SWEEP_RECIPE_OF.get(r, r) if t == REDUCED else r
+                            for r, t in zip(rows["recipe"], rows["treatment"])]
 
     unknown = sorted(set(rows["treatment"]) - set(TREATMENTS))
     if unknown:
@@ -116,8 +126,8 @@ def normalise_curves(curves: pd.DataFrame) -> pd.DataFrame:
     return curves.sort_values(["job_key", "epoch"], kind="stable").reset_index(drop=True)
 
 
-def settings(rows: pd.DataFrame) -> list[tuple[str, str, str]]:
-    """The distinct (dataset, arch, recipe) combinations, most rows first."""
+def settings(rows: pd.DataFrame) -> list[tuple[str, ...]]:
+    """The distinct settings (dataset, arch, sweep recipe, overrides), most rows first."""
     counts = rows.groupby(list(SETTING_COLUMNS), sort=False).size().sort_values(ascending=False, kind="stable")
     return [tuple(index) for index in counts.index]
 
@@ -168,3 +178,19 @@ def layer_ticks(rows: pd.DataFrame) -> dict[int, str]:
 def similar_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """Rows of the random (similar) splits: the paper's main experiment and Table 1."""
     return rows[rows["split_kind"] == "similar"]
+
+
+def input_wait_by_treatment(entries) -> list[dict]:
+    """The share of training time lost waiting on input, per treatment and input path, over the jobs that
+    recorded it: each job's `input_wait_share` weighed by its wall time (its GPU time, on a GPU). `entries`:
+    dicts with treatment, input, input_wait_share, wall_s (results rows, or what `raytransfer status` reads)."""
+    totals = {}
+    for e in entries:
+        share, wall = e.get("input_wait_share"), e.get("wall_s")
+        if share is None or wall is None or share != share or wall != wall or not e.get("input"):
+            continue
+        t = totals.setdefault((str(e["treatment"]), str(e["input"])), [0, 0.0, 0.0])
+        t[0], t[1], t[2] = t[0] + 1, t[1] + float(share) * float(wall), t[2] + float(wall)
+    return [{"treatment": treatment, "input": input_path, "networks": n,
+             "input_wait_share": waited / wall if wall > 0 else 0.0}
+            for (treatment, input_path), (n, waited, wall) in sorted(totals.items())]

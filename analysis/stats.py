@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis.results import BASE_TREATMENTS, METRIC, similar_rows
+from analysis.results import BASE_TREATMENTS, METRIC, UNIT, similar_rows
 
 LAYER_RANGES = {"1-7": (1, 7), "3-7": (3, 7), "5-7": (5, 7)}  # the paper's Table 1 rows
 EFFECTS = (  # name, what it is, treatments it rests on
@@ -25,10 +25,9 @@ EFFECT_FROM_MEANS = {  # effect from the mean paired difference (network − its
     "specificity loss": lambda means: means["BnB"] - means["AnB"],
     "fine-tuning boost": lambda means: means["AnB+"],
 }
-# The independent unit of the bootstrap: one split (its seed) and one training seed. Every network
-# of a unit shares that unit's bases (transfers start from them), so networks are not independent
-# draws but units are; resampling units keeps the base-to-transfer correlation inside each draw.
-UNIT_COLUMNS = ("split_kind", "split_seed", "seed")
+# The independent unit of the bootstrap is analysis.results.UNIT (split x training seed x target half): every
+# network of a unit shares that unit's bases, so networks are not independent draws but units are; resampling
+# units keeps the base-to-transfer correlation inside each draw.
 
 
 def _mean(values) -> float | None:
@@ -96,9 +95,9 @@ def layer_effects(rows: pd.DataFrame, n_boot: int = 2000, confidence: float = 0.
     fewer than 2 units hold the networks an effect needs (no interval from one unit)."""
     sim = similar_rows(rows)
     sim = sim[sim["treatment"].isin(["BnB", "AnB", "AnB+"]) & sim["rel"].notna()]
-    units = sorted({tuple(u) for u in sim[list(UNIT_COLUMNS)].itertuples(index=False)})
+    units = sorted({tuple(u) for u in sim[list(UNIT)].itertuples(index=False)})
     unit_index = {u: i for i, u in enumerate(units)}
-    sim = sim.assign(_unit=[unit_index[tuple(u)] for u in sim[list(UNIT_COLUMNS)].itertuples(index=False)])
+    sim = sim.assign(_unit=[unit_index[tuple(u)] for u in sim[list(UNIT)].itertuples(index=False)])
     rng = np.random.default_rng(rng_seed)
     # weights[b, g]: how often unit g is drawn in bootstrap sample b
     weights = rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=n_boot) if units else None

@@ -5,7 +5,7 @@
     raytransfer split imagenet-1k --kind similar --seed 0 --out split.json
     raytransfer layers caffenet
     raytransfer recipes [--json]                  # every recipe's fields (the paper's protocol: docs/paper_protocol.md)
-    raytransfer report RESULTS_DIR
+    raytransfer report RESULTS_DIR [--dataset D --arch A --recipe R]
     raytransfer status STORAGE [--json]          # a running (or dead) sweep, from its job store: no Ray
 """
 from __future__ import annotations
@@ -29,7 +29,10 @@ def add_prepare_args(p: argparse.ArgumentParser):
     p.add_argument("--superclasses", type=Path, metavar="CSV",
                    help="folder: class,superclass rows (the first superclass listed is half A of the dissimilar "
                         "split); or give the tree a superclass level, train/<superclass>/<class>/<image>")
-    p.add_argument("--val-labels", type=Path, help="ImageNet flat val/: LOC_val_solution.csv (found automatically nearby)")
+    p.add_argument("--val-labels", type=Path,
+                   help="ImageNet flat val/: Kaggle's LOC_val_solution.csv, or the devkit's "
+                        "ILSVRC2012_validation_ground_truth.txt (its data/meta.mat beside it) or devkit folder "
+                        "(found automatically nearby)")
     p.add_argument("--synthetic-seed", type=int, default=0, help="synthetic: seed of the class hierarchy and images")
     p.add_argument("--synthetic-train-per-class", type=int, default=None, help="synthetic: training images per class")
     p.add_argument("--workers", type=int, default=None, help="writer processes (default: all cores)")
@@ -68,7 +71,11 @@ def add_layers_args(p: argparse.ArgumentParser):
 def run_layers(args) -> int:
     from .models import build_model, describe_layers
 
-    print(describe_layers(build_model(args.arch, args.num_classes, width=args.width, resolution=args.resolution)))
+    try:
+        model = build_model(args.arch, args.num_classes, width=args.width, resolution=args.resolution)
+    except ValueError as e:             # its checks of these arguments: unknown arch, a width or side it cannot take
+        raise UsageError(str(e)) from None
+    print(describe_layers(model))
     return 0
 
 
@@ -104,15 +111,43 @@ def _show(v) -> str:
 
 
 def add_report_args(p: argparse.ArgumentParser):
-    p.add_argument("results_dir", type=Path, help="an experiment folder holding results.csv")
-    p.add_argument("--out", type=Path, default=None, help="where to write the report (default: the results folder)")
+    """The arguments of `python -m analysis` (analysis/__main__.py), written here again so that building this
+    parser does not import the analysis package (plotly: seconds) for every command."""
+    p.add_argument("results_dir", type=Path, help="the sweep's results folder (holds results.csv)")
+    p.add_argument("--out", type=Path, default=None, help="where to write the report (default: RESULTS_DIR)")
+    p.add_argument("--dataset", default=None, help="keep only this dataset (default: the setting with most rows)")
+    p.add_argument("--arch", default=None, help="keep only this architecture")
+    p.add_argument("--recipe", default=None, help="keep only this recipe")
 
 
 def run_report(args) -> int:
-    from analysis import build_report
+    from analysis.__main__ import report
 
-    print(build_report(args.results_dir, args.out))
+    print(report(args))
     return 0
+
+
+class UsageError(ValueError):
+    """Arguments a command cannot use (e.g. an unknown architecture for `layers`): the message says which."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors of the user's input or surroundings, each with a message naming the problem and the fix:
+    shown as one line. Any other exception (an internal ValueError included) is a bug: its traceback shows."""
+    try:
+        from analysis.__main__ import ReportError
+    except ImportError:                  # the analysis package's libraries absent: no report errors either
+        ReportError = UsageError
+
+    from .prepare import DatasetError
+    from .recipes import RecipeError
+    from .splits import SplitError
+    from .sweep.errors import SweepError
+    from .sweep.store import StoreReadError
+    from .wordnet import WordNetUnavailable
+
+    return (UsageError, DatasetError, SplitError, RecipeError, SweepError, StoreReadError, ReportError,
+            WordNetUnavailable)
 
 
 def main(argv=None) -> int:
@@ -135,7 +170,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return commands[args.command][1](args)
-    except ValueError as e:            # DatasetError, SplitError, bad settings: one clear line
+    except user_errors() as e:         # the user's input: one clear line; anything else: its traceback
         print(f"raytransfer {args.command}: error: {e}", file=sys.stderr)
         return 2
 

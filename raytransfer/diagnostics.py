@@ -165,7 +165,11 @@ def leep(source_probs, labels) -> float:
     return float(np.mean(np.log(expected)))
 
 
-ESTIMATOR_UNIT = ["split_kind", "split_seed", "seed", "target_half"]   # one estimate per layer n of each
+# The independent unit of every interval and pairing (the findings, figure 4's bootstrap, the estimators): one
+# split (kind, seed, label), one training seed, one target half. Every network of a unit starts from that unit's
+# bases, so networks inside it are not independent draws. analysis.results.UNIT is this one.
+UNIT = ("split_kind", "split_seed", "split", "seed", "target_half")
+ESTIMATOR_UNIT = list(UNIT)      # one estimate per layer n of each unit
 
 
 def estimator_pairs(measured, estimates, estimator: str):

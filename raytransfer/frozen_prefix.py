@@ -1,9 +1,9 @@
 """A frozen net's first n layers computed once per distinct input, not once per step.
 
 Why: a frozen transfer (AnB, BnB, random_frozen) runs layers 1..n forward at every step although they never
-change, and at the demo's 128 epochs that forward is most of a frozen net's cost. On the in-memory half
-(memory_loader.py) the inputs are finitely many: each image at each crop offset and mirror (3 x 3 x 2 for 30 px
-crops of 32 px images; the centre crop for validation). Their outputs through the frozen layers are computed
+change, and at the demo's 128 epochs that forward is most of a frozen net's cost. On a half read from the
+node's pixel store (device_input.py) the inputs are finitely many: each image at each crop offset and mirror
+(3 x 3 x 2 for 30 px crops of 32 px images; the centre crop for validation). Their outputs through the frozen layers are computed
 once; each epoch draws the same crops from the same seeded generator as before and looks their outputs up.
 The result is the plain path's, to float rounding: frozen layers are fixed functions (their batch norm stays
 in eval mode, models.TransferableNet). Not where a dropout is active (the paper's dropout after a frozen fc6
@@ -42,7 +42,7 @@ def why_not(net: nn.Module, n: int, loaders, epochs: int) -> str | None:
     if n < 1 or not set(frozen) <= set(net.frozen_layers):
         return "layers 1..n are not all frozen"
     if not all(hasattr(loader, "precompute") for loader in (loaders.train, loaders.val)):
-        return "the half is streamed (FFCV), not held in memory"
+        return "the half is streamed (FFCV), not read from the pixel store"
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in net.modules()):
         return "a dropout is active"
     if epochs <= loaders.train.variants():

@@ -1,8 +1,9 @@
 """Two hosts for the one training loop: the Tune trial's own process, or Ray Train workers (DDP).
 
-Both report every epoch, with a checkpoint (the loop's state, written by rank 0) every
-`checkpoint_minutes` and after the last epoch, and resume from the last checkpoint when the trial
-restarts. Nothing here imports the sweep: the base weights come through a `load_base` callable. The last report of a trial
+Both report at each of the loop's records (every epoch, or every evaluation where the recipe evaluates by
+iterations), with a checkpoint (the loop's state, written by rank 0) every `checkpoint_minutes` and after
+the last step, and resume from the last checkpoint when the trial restarts. Nothing here imports the
+sweep: the base weights come through a `load_base` callable. The last report of a trial
 carries its summary (top1_best10, frozen_check, ...) with `final=True`; under Ray Train it also
 carries the final state's checkpoint, so `result.metrics` is the summary and `result.checkpoint`
 the final weights (the summary is also the per-worker function's return value).
@@ -140,8 +141,8 @@ def ensure_dataset(spec: dict):
 
 
 class Checkpointer:
-    """When a report carries a checkpoint: every `minutes` of training (0: every epoch) and after the
-    last epoch. Counts what it writes, for the job's record."""
+    """When a report carries a checkpoint: every `minutes` of training (0: every report) and after the
+    last step (or epoch). Counts what it writes, for the job's record."""
 
     def __init__(self, minutes: float):
         import time
@@ -149,8 +150,11 @@ class Checkpointer:
         self.last, self.count, self.bytes = self.clock(), 0, 0
 
     def due(self, metrics: dict) -> bool:
-        last_epoch = metrics.get("epochs") is not None and metrics["epoch"] + 1 >= metrics["epochs"]
-        return last_epoch or self.clock() - self.last >= self.every_s
+        if metrics.get("total_steps") is not None:    # the loop's records: the last is the last step's
+            last = metrics["step"] >= metrics["total_steps"]
+        else:
+            last = metrics.get("epochs") is not None and metrics["epoch"] + 1 >= metrics["epochs"]
+        return last or self.clock() - self.last >= self.every_s
 
     def save(self, state: dict, directory) -> Path:
         path = save_state(state, directory)
@@ -161,11 +165,23 @@ class Checkpointer:
         return {"checkpoints_written": self.count, "checkpoint_bytes": self.bytes}
 
 
+def show_progress():
+    """The loop's progress lines (INFO, loop.LOG_EVERY_S) in the worker's log: Ray's worker processes give the
+    root logger no handler, so without one only warnings would reach it."""
+    logger = logging.getLogger("raytransfer")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def run_in_tune_process(spec: dict, load_base=None, num_threads: int = 1, checkpoint_minutes: float = 10.0) -> dict:
     """Host 1: the loop inside the Tune trial's own process (one worker: CPU, or the GPU Tune gave it).
     `load_base()` returns (base weights, where they came from); the sweep hands it in."""
     import ray.tune
 
+    show_progress()
     torch.set_num_threads(num_threads)
     held = gpus_held()
     device = training_device(held)
@@ -212,6 +228,7 @@ def train_fn_per_worker(config: dict):
     import ray.train.torch
 
     spec = config["spec"]
+    show_progress()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     held = gpus_held()
@@ -257,13 +274,14 @@ _GAUGES: dict = {}
 
 
 def export_metrics(spec: dict, metrics: dict):
-    """Each epoch's metrics as Ray metrics (tagged by job), for the dashboard's Metrics page / Grafana."""
+    """Each record's metrics (an epoch's or an evaluation's, loop.py) as Ray metrics (tagged by job), for the
+    dashboard's Metrics page / Grafana."""
     from ray.util.metrics import Gauge
 
     tags = {"job_key": spec.get("job_key", ""), "treatment": spec.get("treatment", "")}
-    for name in ("val_top1", "val_top5", "train_loss", "images_per_s", "epoch"):
+    for name in ("val_top1", "val_top5", "train_loss", "images_per_s", "input_wait_s", "epoch", "step"):
         if name in metrics:
             if name not in _GAUGES:
-                _GAUGES[name] = Gauge(f"raytransfer_{name}", description=f"{name} of a raytransfer job, per epoch",
+                _GAUGES[name] = Gauge(f"raytransfer_{name}", description=f"{name} of a raytransfer job, per record",
                                       tag_keys=("job_key", "treatment"))
             _GAUGES[name].set(float(metrics[name]), tags=tags)

@@ -1,4 +1,9 @@
-"""FFCV loaders of one half: the dataset's beton with `indices` = the half's samples.
+"""The loaders of one half: the node's pixel store (input 'pixel_store', or 'memory' by its old name) or FFCV.
+
+The pixel store (raytransfer/pixel_store.py, device_input.py) holds the dataset's uint8 pixels at the recipe's
+side, written once per node from the betons; batches are cropped and normalised on the device from seeded
+draws. FFCV reads the beton with `indices` = the half's samples: the recipe's input 'ffcv', or where the
+store cannot be written on this node's disk (one warning says why). What follows describes both paths.
 
 Crops are cut from the recipe's image side (`CropSpec.resize`: 256 px for the paper, 32 px for the
 demo) whatever side the dataset is stored at: a crop takes the same share of the stored image (227/256
@@ -31,7 +36,8 @@ os.environ.setdefault("NUMBA_THREADING_LAYER", "tbb")   # workqueue aborts with 
 import numpy as np
 import torch
 
-from . import memory_loader
+from . import pixel_store
+from .device_input import EVAL_BATCH, Augment, Normalise, StoreLoader
 from .prepare import CORRUPT_LABEL, DatasetError, label_column, mean_image, read_manifest, verify_betons
 
 log = logging.getLogger(__name__)
@@ -62,22 +68,19 @@ def crop_window(stored: int | None, crop: CropSpec, where="the dataset") -> int:
     return crop.size if crop.resize is None else max(1, round(stored * crop.size / crop.resize))
 
 
-def memory_side(manifest: dict, crop: CropSpec, input: str, normalize: str, world: int = 1) -> int | None:
-    """Side at which the memory input holds the dataset: the stored side where the crop takes exact pixels;
-    the crop's resize side where the stored images are larger (each image shrunk once as it is decoded, then
-    the same crop in pixels of that side: 30 of 32 px as on the built-in data, in place of 240 of 256 px
-    resized at every step). None where the trial reads through FFCV: another input, crop or normalisation,
-    several workers, a crop that would enlarge the picture, or a dataset too large to hold."""
-    stored = manifest["settings"]["resolution"]
-    if input != "memory" or crop.kind != "paper" or normalize != "mean_std" or world != 1:
-        return None
-    if crop_window(stored, crop) == crop.size:
-        side = stored
-    elif crop.resize is not None and stored > crop.resize:
-        side = crop.resize
-    else:
-        return None
-    return side if memory_loader.fits(manifest, side) else None
+STORE_INPUTS = ("pixel_store", "memory")     # "memory": the demo recipe's name for it (its job keys)
+
+
+def store_side(stored: int, crop: CropSpec, normalize: str) -> int:
+    """Side at which the pixel store holds a dataset for this crop: the stored side where the crop takes
+    exact pixels, the mean image is subtracted (it exists at the stored side) or the images are not larger
+    than the recipe's side; else the crop's resize side (each image shrunk once as the store is written:
+    30 of 32 px as on the built-in data, in place of 240 of 256 px resized at every step)."""
+    if normalize == "mean_image" or crop.resize is None or stored <= crop.resize:
+        return stored
+    if crop.kind == "paper" and crop_window(stored, crop) == crop.size:
+        return stored
+    return crop.resize
 
 
 def half_indices(labels: np.ndarray, half_labels) -> tuple[np.ndarray, np.ndarray]:
@@ -211,18 +214,21 @@ class HalfLoaders:
     val: HalfLoader
     num_classes: int
     class_ids: list
+    input: str = "ffcv"                     # the path this trial reads: "pixel_store" or "ffcv"
 
 
 def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batch_size: int,
                        device: torch.device, seed: int, num_workers: int = 1, distributed: bool = False,
                        val_batch_size: int | None = None, expect_fingerprint: str | None = None,
                        batches_ahead: int = 2, normalize: str = "mean_std", mean_classes: list[str] | None = None,
-                       per_class: int | None = None, input: str = "ffcv") -> HalfLoaders:
+                       per_class: int | None = None, input: str = "ffcv", store_root: Path | None = None) -> HalfLoaders:
     """Train and val loaders over the half's classes of a prepared dataset folder.
     normalize 'mean_image': minus the mean training image of `mean_classes` (the base's dataset; default the
     half's own). per_class: train on the first k training images of each class only (reduced volume).
-    input 'memory': the decoded half held in memory, cropped in torch (raytransfer/memory_loader.py) where
-    that applies; else FFCV."""
+    input 'pixel_store' (or its old name 'memory'): the node's uint8 store of the dataset at the recipe's side
+    (raytransfer/pixel_store.py, under `store_root`, default $RAYTRANSFER_CACHE), cropped on the device from
+    seeded draws (raytransfer/device_input.py); FFCV only where the store cannot be written on this node's disk
+    (one warning says why). input 'ffcv': FFCV."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     verify_betons(data_dir, manifest)
@@ -230,6 +236,8 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
         raise DatasetError(f"{data_dir} now holds a different dataset (fingerprint {manifest['fingerprint'][:12]}, "
                            f"the job expects {expect_fingerprint[:12]}): it was re-prepared with other settings; "
                            "prepare into a new folder or rerun the sweep on this one")
+    if input not in STORE_INPUTS + ("ffcv",):
+        raise ValueError(f"unknown input {input!r}; expected ffcv, pixel_store or memory")
     stored = manifest["settings"]["resolution"]
     label_of = {c["id"]: c["index"] for c in manifest["classes"]}
     unknown = [c for c in half_class_ids if c not in label_of]
@@ -253,12 +261,14 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
     world, rank = 1, 0
     if distributed:
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    side = memory_side(manifest, crop, input, normalize, world)
-    in_memory = side is not None
-    if input == "memory" and not in_memory:
-        log.info("input 'memory' applies to paper crops of images stored at or above the recipe's side, mean/std "
-                 "input, one worker and datasets under %d MB decoded: this trial reads through FFCV",
-                 memory_loader.MAX_BYTES >> 20)
+    store = None
+    if input in STORE_INPUTS:
+        side = store_side(stored, crop, normalize)
+        path = pixel_store.store_dir(data_dir, side, store_root)
+        try:
+            store = pixel_store.ensure_store(path, pixel_store.beton_source(data_dir, manifest, side), side)
+        except pixel_store.StoreError as e:
+            log.warning("input: FFCV for this trial, not the pixel store: %s", e)
     loaders, ids_of = {}, {}
     for split in ("train", "val"):
         beton = data_dir / manifest["betons"][split]["file"]
@@ -270,19 +280,35 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
                                    f"training images, fewer than one batch of {batch_size}")
         if split == "val" and world > 1:
             ids = ids[rank::world]              # disjoint shards, no sampler padding
-        ids_of[split] = (beton, ids, lut)
-        if in_memory:
+        ids_of[split] = (ids, lut[labels[ids]])
+        if store is not None:
             continue
         loaders[split] = _ffcv_loader(beton, ids, lut, split == "train", crop, stored, window, manifest,
                                       batch_size if split == "train" else (val_batch_size or batch_size),
                                       device, seed, num_workers, distributed and split == "train", batches_ahead,
                                       caffe_mean, crop_seed=seed * 1009 + rank)     # each rank its own crops
-    if in_memory:
-        (train_beton, train_ids, lut), (val_beton, val_ids, _) = ids_of["train"], ids_of["val"]
-        loaders["train"], loaders["val"] = memory_loader.memory_half(
-            train_beton, val_beton, train_ids, val_ids, lut, side, crop.size, manifest["mean"], manifest["std"],
-            batch_size, val_batch_size or batch_size, seed, device)
-    return HalfLoaders(loaders["train"], loaders["val"], len(half_labels), [c for c in sorted(half_class_ids)])
+    if store is not None:
+        loaders["train"], loaders["val"] = store_loaders(
+            store, ids_of, crop, Normalise("mean_image", mean_image=caffe_mean) if caffe_mean is not None else
+            Normalise.channels(manifest["mean"], manifest["std"]), batch_size, val_batch_size or batch_size, seed,
+            device, rank, world)
+    return HalfLoaders(loaders["train"], loaders["val"], len(half_labels), [c for c in sorted(half_class_ids)],
+                       input="ffcv" if store is None else "pixel_store")
+
+
+def store_loaders(store, ids_of: dict, crop: CropSpec, normalise: Normalise, batch_size: int, val_batch_size: int,
+                  seed: int, device: torch.device, rank: int = 0, world: int = 1, hold: str = "auto"):
+    """Train and val StoreLoaders of a half: ids_of = {split: (sample ids, their labels 0..k-1)}; under DDP
+    train draws the global batch (batch_size x world) and keeps this rank's slice, val ids are this rank's."""
+    side = store.side
+    augment = Augment(crop.kind, crop.size, crop_window(side, crop, store.path), crop.rrc_min_scale)
+    out = []
+    for split, train in (("train", True), ("val", False)):
+        ids, labels = ids_of[split]
+        out.append(StoreLoader(store.images(split), ids, labels, augment, normalise,
+                               batch_size if train else max(val_batch_size, EVAL_BATCH), train, seed, device,
+                               rank if train else 0, world if train else 1, hold))
+    return tuple(out)
 
 
 def first_per_class(ids: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:

@@ -1,15 +1,22 @@
 """The training loop of one trial: pure torch over the half loaders, no Ray.
 
 One loop, two hosts: the trial's own process (a tiny CPU trial) or each worker of Ray Train's
-TorchTrainer (DDP on GPUs). The host passes a `report(metrics, state)` callback, called after every
-epoch with the metrics and a checkpoint state (model unwrapped, optimizer, epoch, history); a
-restarted trial calls `fit` again with that state and continues from the next epoch. The state
-holds the live model and optimizer tensors: save it (or deep-copy it) inside the callback.
+TorchTrainer (DDP on GPUs). The host passes a `report(metrics, state)` callback, called at each record:
+after every evaluation for a recipe that evaluates by iterations (`eval_every_iters`, the paper's test
+every 1000), else after every epoch. So a job's records number its evaluations or its epochs, whichever
+the recipe counts by: a reduced-volume net of 200k iterations over epochs of 3 steps reports 200 times,
+not 67,000. Each record has the metrics of the steps since the previous one (loss, images/s, seconds
+waited on input) and a checkpoint state (model unwrapped, optimizer, epoch, step, history); a restarted
+trial calls `fit` again with that state and continues from its step (inside an epoch: that epoch's
+seeded order replayed up to it). The state holds the live model and optimizer tensors: save it (or
+deep-copy it) inside the callback.
 
     summary = fit(model, recipe, loaders, device, report=lambda m, s: print(m))
 """
 from __future__ import annotations
 
+import collections
+import datetime
 import itertools
 import logging
 import time
@@ -24,15 +31,57 @@ from .recipes import Recipe
 
 log = logging.getLogger(__name__)
 
+LOG_EVERY_S = 120.0              # a progress line at least this often, also inside an epoch
+INPUT_WAIT_WARN = 0.10           # a record whose steps waited on input longer than this share: one warning
+
 
 def unwrap(model) -> TransferableNet:
     return model.module if hasattr(model, "module") else getattr(model, "_orig_mod", model)
 
 
-def make_optimizer(model: TransferableNet, recipe: Recipe, copied_layers=()) -> torch.optim.SGD:
-    """SGD with parameter groups from the layer table: frozen layers left out (no momentum, no
-    decay); biases (and norm parameters) at lr x bias_lr_mult without decay (paper); copied
-    fine-tuned layers at lr x copied_lr_mult."""
+class CaffeSGD(torch.optim.Optimizer):
+    """Caffe's SGD (sgd_solver.cpp, the paper's solver): v = m v + lr (g + wd w); w -= v.
+
+    The rate multiplies each gradient as it joins the momentum, so after a x0.1 decay the velocity gathered
+    at the old rate runs out over the next steps (x m a step). torch.optim.SGD applies the rate to the whole
+    momentum (v = m v + g + wd w; w -= lr v), so its step drops x0.1 at once. The two agree while the rate is
+    constant and differ after every change (a warm-up changes it at every step). The momentum buffer is
+    Caffe's history, rate included, so a checkpoint's optimizer state is all a resume needs."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])     # g + wd w
+            history = []
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                history.append(self.state[p]["momentum_buffer"])
+            torch._foreach_mul_(history, group["momentum"])                               # v = m v
+            torch._foreach_add_(history, grads, alpha=group["lr"])                        #   + lr (g + wd w)
+            torch._foreach_sub_(params, history)                                          # w -= v
+        return loss
+
+
+SOLVERS = {"torch": torch.optim.SGD, "caffe": CaffeSGD}     # recipe.solver -> the optimizer class
+
+
+def make_optimizer(model: TransferableNet, recipe: Recipe, copied_layers=()) -> torch.optim.Optimizer:
+    """SGD (torch's or Caffe's rule, recipe.solver) with parameter groups from the layer table: frozen layers
+    left out (no momentum, no decay); biases (and norm parameters) at lr x bias_lr_mult without decay
+    (paper); copied fine-tuned layers at lr x copied_lr_mult."""
     groups = {}
     for layer in model.layer_table():
         if layer.name in model.frozen_layers:
@@ -55,21 +104,73 @@ def make_optimizer(model: TransferableNet, recipe: Recipe, copied_layers=()) -> 
         lr_mult = mult * (recipe.bias_lr_mult if kind == "bias" else 1.0)
         param_groups.append({"params": params, "lr_mult": lr_mult, "lr": recipe.lr * lr_mult,
                              "weight_decay": 0.0 if kind == "bias" else recipe.weight_decay})
-    return torch.optim.SGD(param_groups, lr=recipe.lr, momentum=recipe.momentum)
+    return SOLVERS[recipe.solver](param_groups, lr=recipe.lr, momentum=recipe.momentum)
 
 
-def train_one_epoch(model, optimizer, loader, device, recipe: Recipe, step: int, total_steps: int,
-                    autocast, log_every: int = 0, epoch: int = 0, stop_step: int | None = None,
-                    lr_factor: float = 1.0) -> tuple[dict, int]:
-    """One pass over the train loader (or up to `stop_step`); returns (metrics, next step). `lr_factor`:
-    the --until-plateau level's decay on top of the recipe's rate."""
-    stop_step = total_steps if stop_step is None else stop_step
+class Meter:
+    """The steps since the last record: summed loss (kept on the device and read at the record, so tiny
+    epochs cost no synchronisation each), images, seconds training and seconds waiting on input."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.images, self.train_s, self.input_wait_s, self.lr = 0, 0.0, 0.0, 0.0
+
+    def metrics(self) -> dict:
+        return {"train_loss": (self.loss_sum / max(1, self.images)).item(), "lr": self.lr,
+                "images_per_s": self.images / max(self.train_s, 1e-9), "train_s": self.train_s,
+                "input_wait_s": self.input_wait_s, "train_images": self.images}
+
+
+class Progress:
+    """A log line every `every_s` seconds on rank 0, also inside an epoch: iteration, loss, images/s, the share
+    of the time the step waited on input ("data"), the time left at the rate so far."""
+
+    def __init__(self, every_s: float, total_steps: int, step: int):
+        self.every_s, self.total_steps, self.first_step = every_s, total_steps, step
+        self.on = every_s > 0 and _rank() == 0
+        self.started = self.last = time.monotonic()
+        self.images, self.input_wait_s = 0, 0.0
+
+    def tick(self, images: int, input_wait_s: float, epoch: int, step: int, loss, lr: float):
+        self.images, self.input_wait_s = self.images + images, self.input_wait_s + input_wait_s
+        now = time.monotonic()
+        if not self.on or now - self.last < self.every_s:
+            return
+        dt, done = now - self.last, step - self.first_step
+        eta = (self.total_steps - step) * (now - self.started) / max(1, done)
+        log.info("ep %d it %d/%d loss %.3f lr %.4g img/s %.0f data %.0f%% eta %s", epoch, step, self.total_steps,
+                 loss.item(), lr, self.images / dt, 100 * self.input_wait_s / dt,
+                 datetime.timedelta(seconds=round(eta)))
+        self.last, self.images, self.input_wait_s = now, 0, 0.0
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def train_steps(model, optimizer, batches, recipe: Recipe, step: int, stop_step: int, total_steps: int, autocast,
+                meter: Meter, progress: Progress | None = None, epoch: int = 0, lr_factor: float = 1.0) -> int:
+    """Steps from `step` until `stop_step` or the end of the iterator `batches`; returns the next step. Their loss,
+    images, time and input wait go to `meter`. `lr_factor`: the --until-plateau level's decay on top of the
+    recipe's rate. The input wait is the host-side time `next(batches)` blocks, not synchronised with the
+    device: on CUDA the host runs ahead of the GPU by its launch queue, so a step bound by the GPU reads ~0
+    and one bound by its input reads the time the GPU had nothing queued (a synchronisation per step to
+    measure it would cost the very overlap it measures)."""
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    seen, t0, lr = 0, time.perf_counter(), 0.0
-    for images, labels in loader:
-        if step >= stop_step:
+    clock = time.perf_counter
+    t0 = clock()
+    while step < stop_step:
+        t = clock()
+        batch = next(batches, None)
+        waited = clock() - t
+        if batch is None:
             break
+        images, labels = batch
         lr = recipe.lr_at(step, total_steps) * lr_factor
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
@@ -80,15 +181,22 @@ def train_one_epoch(model, optimizer, loader, device, recipe: Recipe, step: int,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * len(labels)
-        seen += len(labels)
+        meter.loss_sum += loss.detach() * len(labels)
+        meter.images, meter.input_wait_s, meter.lr = meter.images + len(labels), meter.input_wait_s + waited, lr
         step += 1
-        if log_every and step % log_every == 0:
-            log.info("ep %d it %d/%d loss %.3f lr %.4g img/s %.0f", epoch, step, total_steps, loss.item(), lr,
-                     seen / (time.perf_counter() - t0))
-    dt = time.perf_counter() - t0
-    return {"train_loss": (loss_sum / max(1, seen)).item(), "images_per_s": seen / max(dt, 1e-9),
-            "lr": lr, "train_s": dt, "train_images": seen}, step
+        if progress is not None:
+            progress.tick(len(labels), waited, epoch, step, loss, lr)
+    meter.train_s += clock() - t0
+    return step
+
+
+def train_one_epoch(model, optimizer, loader, device, recipe: Recipe, step: int, total_steps: int,
+                    autocast, epoch: int = 0, stop_step: int | None = None, lr_factor: float = 1.0) -> tuple[dict, int]:
+    """One pass over `loader` (or up to `stop_step`); returns (its metrics, next step). The benchmarks' loop."""
+    meter = Meter(device)
+    step = train_steps(model, optimizer, iter(loader), recipe, step, total_steps if stop_step is None else stop_step,
+                       total_steps, autocast, meter, epoch=epoch, lr_factor=lr_factor)
+    return meter.metrics(), step
 
 
 @torch.no_grad()
@@ -115,57 +223,97 @@ def best_k_mean(values, k: int = 10) -> float:
 
 
 def fit(model, recipe: Recipe, loaders, device, state: dict | None = None, report=None,
-        copied_layers=(), log_every: int = 0) -> dict:
+        copied_layers=(), log_every_s: float = LOG_EVERY_S) -> dict:
     """Train for the recipe's budget, evaluating `evals_per_epoch` times an epoch or every `eval_every_iters`
-    steps; resume from `state`."""
+    steps, with a record (`report`) at each evaluation or each epoch's end (module docstring); resume from
+    `state`."""
     net = unwrap(model)
     optimizer = make_optimizer(net, recipe, copied_layers)
-    history, start_epoch, step = [], 0, 0
+    history, step = [], 0
     if state is not None:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        history, start_epoch, step = list(state["history"]), state["epoch"] + 1, state["step"]
+        history, step = list(state["history"]), state["step"]
     steps_per_epoch = max(1, len(loaders.train))
     total_steps = recipe.total_steps(steps_per_epoch * recipe.batch_size)   # until_plateau: its cap
     epochs = planned_epochs(recipe, loaders.train)
+    by_evaluation = recipe.eval_every_iters is not None     # records at each evaluation, else at each epoch's end
     lr_factor = 1.0
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if recipe.bf16 else nullcontext
-    for epoch in range(start_epoch, epochs):
+    meter, progress = Meter(device), Progress(log_every_s, total_steps, step)
+    input_wait = InputWaitCheck(getattr(loaders, "input", None))
+
+    def record(epoch: int):
+        last = history[-1] if history else {"val_top1": float("nan"), "val_top5": float("nan")}
+        metrics = {"epoch": epoch, "epochs": epochs, "step": step, "total_steps": total_steps, **meter.metrics(),
+                   "val_top1": last["val_top1"], "val_top5": last["val_top5"]}
+        meter.reset()
+        input_wait.check(metrics)
+        if report is not None:
+            report(metrics, {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                             "step": step, "history": list(history)})
+
+    for epoch in range(step // steps_per_epoch, epochs):
+        if step >= total_steps:
+            break
         if recipe.until_plateau:
             level, stop = plateau_state(epoch_top1(history), decays=len(recipe.milestones))
             if stop:
                 break
             lr_factor = recipe.gamma ** level
         set_epoch(loaders.train, epoch)
-        metrics = {"epoch": epoch, "epochs": epochs, "train_loss": 0.0, "lr": 0.0}
-        seen = secs = 0.0
         batches = iter(loaders.train)
         try:
+            # a resume inside this epoch (a record after an evaluation): replay its seeded order up to the step
+            collections.deque(itertools.islice(batches, step - epoch * steps_per_epoch), maxlen=0)
             for stop in eval_stops(recipe, epoch, steps_per_epoch):   # train up to each stop, evaluate there
                 chunk_end = min(total_steps, epoch * steps_per_epoch + stop)
                 if step >= chunk_end:
                     continue
-                m, step = train_one_epoch(model, optimizer, itertools.islice(batches, chunk_end - step), device,
-                                          recipe, step, total_steps, autocast, log_every, epoch, chunk_end, lr_factor)
-                total = seen + m["train_images"]
-                metrics["train_loss"] = (metrics["train_loss"] * seen + m["train_loss"] * m["train_images"]) / max(1, total)
-                seen, secs, metrics["lr"] = total, secs + m["train_s"], m["lr"]
+                step = train_steps(model, optimizer, batches, recipe, step, chunk_end, total_steps, autocast, meter,
+                                   progress, epoch, lr_factor)
                 if evaluates_at(recipe, step, total_steps):
                     history.append({"epoch": epoch, "step": step, **evaluate(model, loaders.val, device, autocast)})
+                    if by_evaluation:
+                        record(epoch)
         finally:
             batches.close()                            # leaving an epoch early must free FFCV's thread
-        last = history[-1] if history else {"val_top1": float("nan"), "val_top5": float("nan")}
-        metrics.update(images_per_s=seen / max(secs, 1e-9), val_top1=last["val_top1"],
-                       val_top5=last["val_top5"], step=step, train_s=secs)
-        if report is not None:
-            report(metrics, {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                             "step": step, "history": list(history)})
+        if not by_evaluation:
+            record(epoch)
+    if meter.images:                                   # steps after the last evaluation (an --until-plateau stop)
+        record((step - 1) // steps_per_epoch)
     top1s = [h["val_top1"] for h in history]
     rise = plateau_rise(history, step if recipe.until_plateau else total_steps)
     return {"top1_final": history[-1]["val_top1"], "top5_final": history[-1]["val_top5"],
             "top1_best10": best_k_mean(top1s, 10), "epochs": history[-1]["epoch"] + 1 if recipe.until_plateau else epochs,
             "steps": step, "evaluations": len(history),
             "plateau_rise": rise, "converged": bool(rise < PLATEAU_POINTS) if rise == rise else None}
+
+
+class InputWaitCheck:
+    """One warning a run, at its first record (after the first: that one holds the loaders' start-up, FFCV
+    compiling its pipeline) whose steps waited on input more than INPUT_WAIT_WARN of their training time."""
+
+    def __init__(self, input_name: str | None):
+        self.input_name, self.records, self.warned = input_name, 0, False
+
+    def check(self, m: dict):
+        self.records += 1
+        share = m["input_wait_s"] / max(m["train_s"], 1e-9)
+        if self.warned or self.records < 2 or share <= INPUT_WAIT_WARN:
+            return
+        self.warned = True
+        if self.input_name == "ffcv":
+            fix = ("give FFCV more decode threads (--cpus-per-trial: it decodes every batch on the trial's CPUs) or "
+                   "read the node's pixel store, which decodes nothing at train time (--set input=pixel_store)")
+        elif self.input_name == "pixel_store":
+            fix = ("its batches are gathered on the host from the memory-mapped store: give the trial more CPUs "
+                   "(--cpus-per-trial), or a node with the memory to keep the store in its page cache")
+        else:
+            fix = "give the trial more CPUs (--cpus-per-trial)"
+        log.warning("the step waited on its input %.0f%% of its training time up to iteration %d (%.1f of %.1f s, "
+                    "%s input, %.0f img/s), the device idle as long: %s", 100 * share, m["step"], m["input_wait_s"],
+                    m["train_s"], self.input_name or "its", m["images_per_s"], fix)
 
 
 def planned_epochs(recipe: Recipe, train_loader) -> int:
@@ -202,7 +350,7 @@ def epoch_top1(history) -> list[float]:
 
 def set_epoch(loader, epoch: int):
     """Fix the data order of `epoch` (FFCV orders by seed + epoch), also after a resume."""
-    if hasattr(loader, "set_epoch"):                 # the in-memory loader (memory_loader.py)
+    if hasattr(loader, "set_epoch"):                 # the pixel-store loader (device_input.py)
         loader.set_epoch(epoch)
         return
     inner = getattr(loader, "loader", None)

@@ -1,7 +1,8 @@
 """Datasets to FFCV betons: `train.beton`, `val.beton` and `manifest.json`, once per dataset and settings.
 
-Sources: ImageNet ILSVRC2012 as people have it (`train/<wnid>/*.JPEG`; `val/` in class folders or
-flat with Kaggle's `LOC_val_solution.csv`), any class-folder tree with `train/` and `val/` (optionally
+Sources: ImageNet ILSVRC2012 as people have it (`train/<wnid>/*.JPEG`; `val/` in class folders, or
+flat with Kaggle's `LOC_val_solution.csv` or the official devkit's `ILSVRC2012_validation_ground_truth.txt`
+(its ids in the devkit's own synset order, `data/meta.mat`)), any class-folder tree with `train/` and `val/` (optionally
 with a superclass level, `train/<superclass>/<class>/`, or a CSV of class,superclass rows), or the
 built-in synthetic dataset. One beton per split for the whole dataset: a half is read through the
 loader's `indices`, never copied.
@@ -10,19 +11,23 @@ loader's `indices`, never copied.
     manifest = prepare("imagenet", Path("/data/ILSVRC2012"), Path("/mnt/betons/imagenet"), resolution=256)
 
 A beton is written as `*.beton.partial` and renamed when complete; the manifest is written last,
-with the betons' sizes, so a half-written or replaced beton never passes as finished. Corrupt images
-are written as a 1-pixel placeholder with label -1 (never selected by any half) and counted.
+with the betons' sizes, so a half-written or replaced beton never passes as finished. Images that
+cannot be decoded are written as a 1-pixel placeholder with label -1 (never selected by any half) and
+counted; a file that cannot be read (permission, I/O, network) stops prepare with that error. The class
+mean images are summed in the pass that writes the training beton (each image is decoded once).
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -44,6 +49,10 @@ MANIFEST = "manifest.json"
 
 class DatasetError(ValueError):
     """Bad dataset input: the message names the problem and the fix."""
+
+
+class ImageReadError(DatasetError):
+    """An image file that could not be read at all (not a corrupt image: a permission, I/O or network error)."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +169,8 @@ def read_superclass_file(path: Path, ids: list[str]) -> tuple[dict[str, str], li
 
 
 def discover_imagenet(root: Path, val_labels: Path | None = None):
-    """ILSVRC2012: train/<wnid>/*.JPEG; val/<wnid>/*.JPEG, or flat val/*.JPEG + LOC_val_solution.csv."""
+    """ILSVRC2012: train/<wnid>/*.JPEG; val/<wnid>/*.JPEG, or flat val/*.JPEG with Kaggle's LOC_val_solution.csv
+    or the devkit's ILSVRC2012_validation_ground_truth.txt (+ its data/meta.mat)."""
     from .splits import builtin_classes
 
     root = _existing_dir(root)
@@ -204,21 +214,101 @@ def _class_folder_samples(split_dir: Path, ids: list[str], dirs: dict[str, Path]
     return out
 
 
+KAGGLE_VAL_LABELS = "LOC_val_solution.csv"
+DEVKIT_VAL_LABELS = "ILSVRC2012_validation_ground_truth.txt"
+DEVKIT = "ILSVRC2012_devkit_t12"
+VAL_LABEL_FILES = (KAGGLE_VAL_LABELS, DEVKIT_VAL_LABELS, f"data/{DEVKIT_VAL_LABELS}", f"{DEVKIT}/data/{DEVKIT_VAL_LABELS}")
+
+
 def _find_val_labels(root: Path) -> Path:
     for d in [root, *list(root.parents)[:4]]:
-        f = d / "LOC_val_solution.csv"
-        if f.is_file():
-            return f
-    raise DatasetError(f"{root}/val is flat but no LOC_val_solution.csv was found in {root} or its parents: "
+        for name in VAL_LABEL_FILES:
+            if (d / name).is_file():
+                return d / name
+    raise DatasetError(f"{root}/val is flat but no validation labels were found in {root} or its parents "
+                       f"(Kaggle's {KAGGLE_VAL_LABELS}, or the devkit's {DEVKIT}/data/{DEVKIT_VAL_LABELS}): "
                        "pass --val-labels FILE, or sort val/ into class folders")
+
+
+def read_val_labels(labels_file: Path) -> dict[str, str]:
+    """{val image id (file name without suffix): wnid} from Kaggle's LOC_val_solution.csv or the devkit's
+    ILSVRC2012_validation_ground_truth.txt (a devkit folder works too); a file it cannot use: DatasetError."""
+    labels_file = Path(labels_file)
+    if labels_file.is_dir():                     # the devkit folder (or its data/)
+        found = [labels_file / n for n in (f"data/{DEVKIT_VAL_LABELS}", DEVKIT_VAL_LABELS) if (labels_file / n).is_file()]
+        if not found:
+            raise DatasetError(f"--val-labels {labels_file} is a folder without data/{DEVKIT_VAL_LABELS}: give "
+                               f"{KAGGLE_VAL_LABELS} or the devkit's {DEVKIT_VAL_LABELS}")
+        labels_file = found[0]
+    try:
+        text = labels_file.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read the validation labels {labels_file} ({type(e).__name__}: {e}): give "
+                           f"{KAGGLE_VAL_LABELS} or the devkit's {DEVKIT_VAL_LABELS} with --val-labels") from None
+    first = text.lstrip().split("\n", 1)[0]
+    if "," in first:                               # a CSV: Kaggle's, or one without its columns
+        return _kaggle_val_labels(labels_file, text)
+    if first.strip().isdigit():
+        return _devkit_val_labels(labels_file, text)
+    raise DatasetError(f"{labels_file} is neither Kaggle's {KAGGLE_VAL_LABELS} (header ImageId,PredictionString) "
+                       f"nor the devkit's {DEVKIT_VAL_LABELS} (one class id per line): pass one of those "
+                       "with --val-labels")
+
+
+def _kaggle_val_labels(labels_file: Path, text: str) -> dict[str, str]:
+    out = {}
+    reader = csv.DictReader(io.StringIO(text))
+    if not {"ImageId", "PredictionString"} <= set(reader.fieldnames or []):
+        raise DatasetError(f"{labels_file} lacks the ImageId and PredictionString columns of Kaggle's "
+                           f"{KAGGLE_VAL_LABELS} (it has {reader.fieldnames})")
+    for line, row in enumerate(reader, 2):
+        words = (row["PredictionString"] or "").split()
+        if not row["ImageId"] or not words:
+            raise DatasetError(f"{labels_file} line {line}: expected `ImageId,wnid x y x y ...`, got {row}")
+        out[row["ImageId"]] = words[0]
+    return out
+
+
+def _devkit_val_labels(labels_file: Path, text: str) -> dict[str, str]:
+    """The devkit's ground truth: line k holds the class id (1-based, in meta.mat's synset order, which is
+    not the sorted wnids) of ILSVRC2012_val_<k:08d>.JPEG; meta.mat lies beside it (data/ of the devkit)."""
+    ids = []
+    for line, value in enumerate(text.split(), 1):
+        if not value.isdigit():
+            raise DatasetError(f"{labels_file} line {line}: {value!r} is not a class id; the devkit's "
+                               f"{DEVKIT_VAL_LABELS} holds one integer per line")
+        ids.append(int(value))
+    wnid_of_id = _devkit_synsets(labels_file.with_name("meta.mat"))
+    unknown = sorted(set(ids) - set(wnid_of_id))
+    if unknown:
+        raise DatasetError(f"{labels_file} names class id {unknown[0]}, which {labels_file.with_name('meta.mat')} "
+                           "does not list among its 1000 classes: the two files are from different devkits?")
+    return {f"ILSVRC2012_val_{k:08d}": wnid_of_id[i] for k, i in enumerate(ids, 1)}
+
+
+def _devkit_synsets(meta: Path) -> dict[int, str]:
+    """{ILSVRC2012_ID: WNID} of the classes (leaf synsets) in the devkit's data/meta.mat."""
+    import scipy.io
+
+    if not meta.is_file():
+        raise DatasetError(f"{meta} is missing: the devkit's {DEVKIT_VAL_LABELS} numbers classes in the order "
+                           "of its meta.mat (not the sorted wnids); keep the devkit's data/ folder whole")
+    try:
+        synsets = scipy.io.loadmat(str(meta), squeeze_me=True)["synsets"]
+        out = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in np.atleast_1d(synsets)
+               if int(s["num_children"]) == 0}
+    except Exception as e:                         # scipy's MatReadError, a struct without these fields, ...
+        raise DatasetError(f"cannot read the classes of {meta} ({type(e).__name__}: {e}): it must be the "
+                           "ILSVRC2012 devkit's data/meta.mat (a 'synsets' struct with ILSVRC2012_ID, WNID, "
+                           "num_children)") from None
+    if not out:
+        raise DatasetError(f"{meta} lists no classes (no synset with num_children 0)")
+    return out
 
 
 def _flat_val_samples(val_dir: Path, wnids: list[str], labels_file: Path):
     label_of = {w: i for i, w in enumerate(wnids)}
-    wnid_of = {}
-    with open(labels_file, newline="") as f:
-        for row in csv.DictReader(f):
-            wnid_of[row["ImageId"]] = row["PredictionString"].split()[0]
+    wnid_of = read_val_labels(labels_file)
     out = []
     for img in sorted(val_dir.iterdir()):
         if img.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -236,8 +326,15 @@ def _flat_val_samples(val_dir: Path, wnids: list[str], labels_file: Path):
 # ---------------------------------------------------------------------------------------------
 # Indexed datasets that FFCV's DatasetWriter reads in its worker processes.
 
+def read_file(path: str) -> bytes:
+    """A file's bytes (a module function: the one place prepare reads an image file)."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class ImageFiles:
-    """Files to (HxWx3 uint8, label); a file PIL cannot decode becomes a placeholder with label -1."""
+    """Files to (HxWx3 uint8, label). A file that cannot be read (permission, I/O, network) raises
+    ImageReadError; one whose bytes PIL cannot decode becomes a placeholder with label -1."""
 
     def __init__(self, samples, resolution: int | None):
         self.samples, self.resolution = samples, resolution
@@ -248,13 +345,71 @@ class ImageFiles:
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
-            with Image.open(path) as im:
+            data = read_file(path)
+        except OSError as e:
+            raise ImageReadError(f"cannot read {path} ({type(e).__name__}: {e.strerror or e}): not a corrupt image "
+                                 "but a file the disk or network would not give; fix its permissions or the mount, "
+                                 "then rerun (nothing partial is kept)") from None
+        try:
+            with Image.open(io.BytesIO(data)) as im:
                 im = im.convert("RGB")
                 if self.resolution:
                     im = im.resize((self.resolution, self.resolution), Image.BILINEAR)   # paper: squashed to 256x256
                 return np.asarray(im, dtype=np.uint8), label
         except Exception:                       # truncated or corrupt: skipped by every loader, counted
             return np.zeros((1, 1, 3), dtype=np.uint8), CORRUPT_LABEL
+
+
+class SummingClasses:
+    """A dataset that passes `ds`'s items through and adds each readable image to its class's sum as it is
+    produced, so the class mean images come from the pass that writes the beton. FFCV's writer reads items
+    in worker processes: the sums live in file-backed shared maps (uint32: exact for up to 16.8M images
+    a class), each class's row added under one of a few process-shared locks."""
+
+    LOCKS = 64
+
+    def __init__(self, ds, n_classes: int, side: int, path: Path):
+        self.ds, self.n_classes, self.side = ds, n_classes, side
+        self.paths = (Path(path), Path(path).with_name(Path(path).stem + "-counts.npy"))
+        for p, shape in zip(self.paths, ((n_classes, side, side, 3), (n_classes,))):
+            np.lib.format.open_memmap(p, mode="w+", dtype=np.uint32, shape=shape).flush()
+        self.locks = [multiprocessing.Lock() for _ in range(self.LOCKS)]
+        self._maps = None
+
+    def __getstate__(self):                        # a spawned writer process opens the maps itself
+        return {**self.__dict__, "_maps": None}
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        img, label = self.ds[i]
+        if label != CORRUPT_LABEL:
+            if img.shape != (self.side, self.side, 3):
+                raise DatasetError(f"image {i} is {img.shape[1]}x{img.shape[0]} px, not the stored {self.side} px")
+            if self._maps is None:
+                self._maps = [np.load(p, mmap_mode="r+") for p in self.paths]
+            sums, counts = self._maps
+            with self.locks[label % self.LOCKS]:
+                sums[label] += img
+                counts[label] += 1
+        return img, label
+
+    def mean_images(self) -> tuple[np.ndarray, np.ndarray]:
+        """(C x H x W x 3 float32 means, per-class counts) of the images that went through."""
+        sums, counts = (np.load(p, mmap_mode="r") for p in self.paths)
+        counts = np.asarray(counts, dtype=np.int64)
+        if (counts == 0).any():
+            raise DatasetError(f"{int((counts == 0).sum())} class(es) have no readable training image")
+        means = np.empty(sums.shape, dtype=np.float32)
+        for c in range(self.n_classes):                  # a class at a time: ImageNet's sums are 0.8 GB
+            means[c] = sums[c] / counts[c]
+        return means, counts
+
+    def remove(self):
+        self._maps = None
+        for p in self.paths:
+            p.unlink(missing_ok=True)
 
 
 class ResizedSynthetic:
@@ -296,13 +451,17 @@ def prepare(source: str, path: Path | None, out: Path, resolution: int | None = 
             raise DatasetError(f"`prepare {source}` needs the dataset folder")
         if superclass_file is not None and source != "folder":
             raise DatasetError(f"--superclasses applies to `prepare folder` only, not {source}")
-        if source == "imagenet":
-            classes, samples = discover_imagenet(path, val_labels)
-            superclass_order = ["man-made", "natural"]
-        else:
-            classes, samples, superclass_order = discover_folder(path, superclass_file)
+        try:                                     # listing the tree: a folder it cannot read is an error, not "empty"
+            if source == "imagenet":
+                classes, samples = discover_imagenet(path, val_labels)
+                superclass_order = ["man-made", "natural"]
+            else:
+                classes, samples, superclass_order = discover_folder(path, superclass_file)
+            identity = {s: _listing_digest(Path(path), samples[s]) for s in ("train", "val")}
+        except OSError as e:
+            raise DatasetError(f"cannot read {e.filename or path} ({type(e).__name__}: {e.strerror or e}): fix its "
+                               "permissions or the mount, then rerun") from None
         datasets = {s: ImageFiles(samples[s], resolution) for s in ("train", "val")}
-        identity = {s: _listing_digest(Path(path), samples[s]) for s in ("train", "val")}
         if source == "folder" and superclass_order:      # tags make other dissimilar splits: another dataset
             identity["superclasses"] = {"order": superclass_order, "of": {c["id"]: c["superclass"] for c in classes}}
         name = "imagenet-1k" if source == "imagenet" and len(classes) == 1000 else Path(path).resolve().name
@@ -330,13 +489,19 @@ def prepare(source: str, path: Path | None, out: Path, resolution: int | None = 
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)          # from here on the folder is not finished
     workers = workers or len(os.sched_getaffinity(0))
-    _check_free_space(out, sum(len(d) for d in datasets.values()), settings)
+    _check_free_space(out, sum(len(d) for d in datasets.values()), settings, len(classes))
     t0 = time.time()
-    stats = {}
-    for split, ds in datasets.items():
-        stats[split] = _write_beton(ds, out / f"{split}.beton", settings, workers, len(classes))
+    stats, summed = {}, None
+    try:
+        for split, ds in datasets.items():
+            if split == "train" and settings.resolution:       # the class mean images, summed as the beton is written
+                ds = summed = SummingClasses(ds, len(classes), settings.resolution, out / CLASS_SUMS)
+            stats[split] = _write_beton(ds, out / f"{split}.beton", settings, workers, len(classes))
+        mean_images = _save_mean_images(summed, out) if summed is not None else None
+    finally:
+        if summed is not None:
+            summed.remove()
     mean, std = _channel_stats(datasets["train"])
-    mean_images = _write_mean_images(datasets["train"], out, len(classes), workers) if settings.resolution else None
     manifest = {
         "name": name, "source": source, "classes": classes, "superclass_order": superclass_order,
         "source_path": None if path is None else str(Path(path).resolve()),
@@ -404,6 +569,8 @@ def _write_beton(ds, path: Path, settings: BetonSettings, workers: int, n_classe
         if hasattr(sm, "unlink"):
             sm.close()
             sm.unlink()
+        if watchdog.input_error:
+            raise DatasetError(watchdog.input_error) from None
         why = watchdog.failure or f"{type(e).__name__}: {e}"
         hint = ("the disk is full: free space or choose another --out" if free < 64 * 2**20 else
                 "see the writer's traceback above; rerun to retry (nothing partial is kept)")
@@ -429,18 +596,29 @@ class _WriterWatchdog:
     middle of a beton): watch the processes it starts, and interrupt the wait when one fails."""
 
     def __init__(self, path: Path, poll_s: float = 0.5):
-        self.path, self.poll_s, self.failure = path, poll_s, None
+        self.path, self.poll_s, self.failure, self.input_error = path, poll_s, None, None
         self.processes, self._stop = [], threading.Event()
+        self.error_file = path.with_name(path.name + ".error")
+        self.error_file.unlink(missing_ok=True)
 
     def __enter__(self):
         import ffcv.writer
 
         watched = self.processes
 
+        error_file = self.error_file
+
         class WatchedProcess(multiprocessing.Process):
             def start(self):
                 watched.append(self)
                 super().start()
+
+            def run(self):                       # an input error in a writer process: its message, not a traceback
+                try:
+                    super().run()
+                except DatasetError as e:
+                    error_file.write_text(str(e))
+                    sys.exit(3)
 
         self._patch = (ffcv.writer, ffcv.writer.Process)
         ffcv.writer.Process = WatchedProcess
@@ -465,6 +643,9 @@ class _WriterWatchdog:
             dead = [p for p in list(self.processes) if p.exitcode not in (None, 0)]
             if dead:
                 self.failure = f"a writer process exited with code {dead[0].exitcode}"
+                if self.error_file.is_file():             # it could not read its input: that is the error
+                    self.input_error = self.failure = self.error_file.read_text()
+                    self.error_file.unlink(missing_ok=True)
                 for p in self.processes:
                     if p.is_alive():
                         p.terminate()
@@ -495,12 +676,26 @@ def _channel_stats(ds, k: int = 512):
 
 
 MEAN_IMAGES = "class_mean_images.npy"
+CLASS_SUMS = "class_sums.partial.npy"
+
+
+def _save_mean_images(summed: SummingClasses, out: Path) -> dict:
+    """The class mean images summed while the training beton was written, saved beside it."""
+    means, counts = summed.mean_images()
+    tmp = out / (MEAN_IMAGES + ".partial")
+    with open(tmp, "wb") as f:
+        np.save(f, means)
+    os.replace(tmp, out / MEAN_IMAGES)
+    return {"file": MEAN_IMAGES, "bytes": (out / MEAN_IMAGES).stat().st_size, "shape": list(means.shape),
+            "counts": [int(c) for c in counts]}
 
 
 def _write_mean_images(ds, out: Path, n_classes: int, workers: int) -> dict:
     """Every class's mean training image (C x H x W x 3 float32, 0..255, the stored side) beside the betons:
     the paper subtracts the mean image of the base's training set, and a half's is the count-weighted mean
-    of its classes' (`mean_image`). Corrupt images are left out, as every loader leaves them out."""
+    of its classes' (`mean_image`). Corrupt images are left out, as every loader leaves them out. Only for a
+    folder prepared before mean images existed (it decodes the images again); a new one sums them as it
+    writes the training beton (SummingClasses)."""
     labels = label_column(out / "train.beton")
     by_class = [np.flatnonzero(labels == c) for c in range(n_classes)]
     global _MEAN_DS
@@ -573,10 +768,11 @@ def reprepare_command(manifest: dict, data_dir, resolution: int | None = None) -
     return f"raytransfer prepare {source} {manifest.get('source_path') or 'SOURCE_DIR'} --out {out}{extra}"
 
 
-def _check_free_space(out: Path, n_images: int, settings: BetonSettings):
+def _check_free_space(out: Path, n_images: int, settings: BetonSettings, n_classes: int = 0):
     side = settings.resolution or 64
     per_image = side * side * 3 * (1.0 if settings.format == "raw" else 0.15)
-    need = int(n_images * per_image * 1.1) + (64 << 20)
+    sums = n_classes * side * side * 3 * (4 + 4)          # the class sums while writing (uint32), then the means
+    need = int(n_images * per_image * 1.1) + sums + (64 << 20)
     free = shutil.disk_usage(out).free
     if free < need:
         raise DatasetError(f"{out} has {free / 2**30:.1f} GiB free; the betons need about {need / 2**30:.1f} GiB: "

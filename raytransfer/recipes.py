@@ -10,7 +10,12 @@ fractions of the run, so a shorter budget keeps the paper's shape.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import asdict, dataclass, replace
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot train, or a --set the recipe's fields do not take: the user's input."""
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,10 @@ class Recipe:
     resize_size: int = 256             # side of the square image crops are cut from (paper: 256); a dataset
                                        # stored at another side is resized to it in the loader (FFCV: each
                                        # crop, every step; the memory input: each image once, as it is held)
-    input: str = "ffcv"                # 'ffcv'; 'memory': a small dataset decoded once and held in memory, the
-                                       # same crop in torch from a seeded generator (reproducible reruns)
+    input: str = "ffcv"                # 'ffcv': FFCV decodes at every step; 'pixel_store': the node's uint8 store
+                                       # of the dataset, cropped on the device from a seeded generator (no decoding
+                                       # at train time, reproducible reruns: pixel_store.py, device_input.py);
+                                       # 'memory': the demo's name for the pixel store (its job keys)
     normalize: str = "mean_std"        # 'mean_std': (x - channel mean) / channel std; 'mean_image': x - the base
                                        # dataset's mean image at 0..255 scale, nothing divided (the paper)
     random_frozen_on: str = "half"     # random_frozen's target: 'half' (vs that half's base) or 'whole' (all
@@ -47,6 +54,8 @@ class Recipe:
     weight_decay: float = 5e-4
     bias_lr_mult: float = 2.0
     copied_lr_mult: float = 1.0        # fine-tuned copied layers; paper: 1 (full lr, full schedule)
+    solver: str = "torch"              # 'torch': torch.optim.SGD (v = m v + g; w -= lr v); 'caffe': Caffe's SGD, the
+                                       # paper's (v = m v + lr g; w -= v): the two differ after every change of lr
     label_smoothing: float = 0.0
     # schedule
     iterations: int | None = None      # fixed number of steps (paper: 450k) ...
@@ -88,21 +97,34 @@ class Recipe:
 
     def check(self):
         """One clear error for a recipe that cannot train (e.g. an override through --set or a sweep file)."""
+        choices = {"schedule": ("step", "cosine", "plateau"), "crop": ("paper", "rrc"), "norm": ("lrn", "batch"),
+                   "init": ("paper", "kaiming"), "input": INPUTS, "arch": ("caffenet", "resnet18"),
+                   "solver": ("torch", "caffe")}
+        for field_name, allowed in choices.items():
+            if getattr(self, field_name) not in allowed:
+                raise RecipeError(f"recipe {self.name}: {field_name} {getattr(self, field_name)!r}; expected one of "
+                                  f"{', '.join(allowed)}")
         if (self.schedule == "plateau") != bool(self.until_plateau) or (self.until_plateau or 0) < 0:
-            raise ValueError(f"recipe {self.name}: schedule 'plateau' goes with until_plateau = the most epochs a "
-                             "net may train (--until-plateau EPOCHS sets both)")
+            raise RecipeError(f"recipe {self.name}: schedule 'plateau' goes with until_plateau = the most epochs a "
+                              "net may train (--until-plateau EPOCHS sets both)")
         if not 0 < self.crop_size <= self.resize_size:
-            raise ValueError(f"recipe {self.name}: crop_size {self.crop_size} must be in 1..resize_size "
-                             f"({self.resize_size}): crops are cut from the resize_size square")
+            raise RecipeError(f"recipe {self.name}: crop_size {self.crop_size} must be in 1..resize_size "
+                              f"({self.resize_size}): crops are cut from the resize_size square")
         if self.normalize not in NORMALIZE:
-            raise ValueError(f"recipe {self.name}: normalize {self.normalize!r}; expected {' or '.join(NORMALIZE)}")
+            raise RecipeError(f"recipe {self.name}: normalize {self.normalize!r}; expected {' or '.join(NORMALIZE)}")
         if self.normalize == "mean_image" and self.crop != "paper":
-            raise ValueError(f"recipe {self.name}: normalize 'mean_image' subtracts the mean image under the same "
-                             f"crop as the image, which only the 'paper' crop has (got crop {self.crop!r})")
+            raise RecipeError(f"recipe {self.name}: normalize 'mean_image' subtracts the mean image under the same "
+                              f"crop as the image, which only the 'paper' crop has (got crop {self.crop!r})")
         if self.random_frozen_on not in ("half", "whole"):
-            raise ValueError(f"recipe {self.name}: random_frozen_on {self.random_frozen_on!r}; expected half or whole")
+            raise RecipeError(f"recipe {self.name}: random_frozen_on {self.random_frozen_on!r}; expected half or whole")
         if self.eval_every_iters is not None and self.eval_every_iters < 1:
-            raise ValueError(f"recipe {self.name}: eval_every_iters must be >= 1 (or None: evals_per_epoch)")
+            raise RecipeError(f"recipe {self.name}: eval_every_iters must be >= 1 (or None: evals_per_epoch)")
+        positive = {"batch_size": self.batch_size, "lr": self.lr, "width": self.width, "evals_per_epoch": self.evals_per_epoch}
+        for field_name, value in positive.items():
+            if not value > 0:
+                raise RecipeError(f"recipe {self.name}: {field_name} must be > 0 (got {value})")
+        if not (self.iterations or 0) > 0 and not (self.epochs or 0) > 0 and not self.until_plateau:
+            raise RecipeError(f"recipe {self.name}: set iterations or epochs to a positive number")
 
     def arch_kwargs(self, resolution: int | None = None) -> dict:
         kw = {"width": self.width, "resolution": resolution or self.crop_size}
@@ -130,26 +152,30 @@ class Recipe:
 
 
 NORMALIZE = ("mean_std", "mean_image")
+INPUTS = ("ffcv", "pixel_store", "memory")     # the input paths a recipe may name (loaders.py)
 # Fields added after job keys existed, at the value that reproduces the behaviour every recipe had before
 # them: left out of a key there, so only recipes that set them get new keys. A field added later joins here.
 KEY_NEUTRAL_DEFAULTS = {"normalize": "mean_std", "head_outputs": None, "eval_every_iters": None,
                      "independent_bases": False, "random_frozen_on": "half", "norm": "lrn",
-                     "until_plateau": None, "input": "ffcv", "stem_stride": 1}
+                     "until_plateau": None, "input": "ffcv", "stem_stride": 1, "solver": "torch"}
 # The paper's protocol, item by item (docs/paper_protocol.md): mean image at 0..255, 1000-way fc8, independent
-# bases, a test every 1000 iterations, random frozen layers on all classes against netbase.
+# bases, a test every 1000 iterations, random frozen layers on all classes against netbase, Caffe's SGD.
 PAPER = dict(normalize="mean_image", head_outputs=1000, independent_bases=True, eval_every_iters=1000,
-             random_frozen_on="whole")
+             random_frozen_on="whole", solver="caffe")
 
 RECIPES = {
     # The paper: 450k iterations at batch 256 (~179 epochs of a 645k-image half), x0.1 every 100k.
-    "paper": Recipe("paper", iterations=450_000, **PAPER),
+    # Both paper recipes and fast read the node's pixel store (no decoding at train time: FFCV's CPU decode feeds
+    # a GPU step about 5x too slowly, DESIGN.md); new keys for them, as their batches changed.
+    "paper": Recipe("paper", iterations=450_000, input="pixel_store", **PAPER),
     # The paper's reduced-volume nets (first k images of each class, all classes): lr 0.0125, x0.1 every 64k of 200k.
     "paper_reduced": Recipe("paper_reduced", iterations=200_000, lr=0.0125, milestones=(64 / 200, 128 / 200, 192 / 200),
-                            **PAPER),
+                            input="pixel_store", **PAPER),
     # Same net, bf16 + channels_last + torch.compile on CUDA, batch 1024 with linear lr scaling and
     # warm-up, label smoothing, random-resized crops, a cosine schedule over 30 epochs.
     "fast": Recipe("fast", crop="rrc", batch_size=1024, lr=0.04, epochs=30, schedule="cosine",
-                   warmup_fraction=0.05, label_smoothing=0.1, bf16=True, channels_last=True, compile=True),
+                   warmup_fraction=0.05, label_smoothing=0.1, bf16=True, channels_last=True, compile=True,
+                   input="pixel_store"),
     # CPU-sized: the same 8 named layers at 1/8 width on 30 px crops of 32 px images (the synthetic images'
     # own size; other datasets are resized to 32 px in the loader), trained to convergence in a CPU budget
     # (measured, benchmarks/RESULTS.md): batch norm in place of LRN (with LRN the net was still rising after
@@ -173,11 +199,11 @@ RECIPES = {
 
 def get_recipe(name: str, **overrides) -> Recipe:
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
+        raise RecipeError(f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
     recipe = RECIPES[name]
     unknown = set(overrides) - set(recipe.to_dict())
     if unknown:
-        raise ValueError(f"unknown recipe field(s) {sorted(unknown)}; known: {', '.join(recipe.to_dict())}")
+        raise RecipeError(f"unknown recipe field(s) {sorted(unknown)}; known: {', '.join(recipe.to_dict())}")
     recipe = replace(recipe, **overrides)
     recipe.check()
     return recipe
@@ -188,8 +214,71 @@ REDUCED_RECIPE = {"paper": "paper_reduced"}
 
 
 def reduced_recipe(recipe: Recipe) -> Recipe:
+    """The reduced-volume solver of `recipe`, with every field the sweep changed in `recipe` (--arch,
+    --until-plateau, --set) changed alike: an override applies to every recipe a sweep runs."""
     name = REDUCED_RECIPE.get(recipe.name)
-    return recipe if name is None else replace(RECIPES[name], arch=recipe.arch)
+    return recipe if name is None else replace(RECIPES[name], **changed_fields(recipe))
+
+
+def changed_fields(recipe: Recipe) -> dict:
+    """The fields of `recipe` that differ from the built-in recipe of its name (its overrides)."""
+    built_in = RECIPES[recipe.name].to_dict()
+    return {k: getattr(recipe, k) for k, v in recipe.to_dict().items() if k != "name" and built_in.get(k) != v}
+
+
+def describe_changes(recipe_dict: dict) -> str:
+    """A results row's `recipe_set`: the overrides of a recipe as FIELD=VALUE;... ('' for the recipe as built in;
+    the arch has its own column)."""
+    recipe = recipe_from_dict(recipe_dict)
+    if recipe.name not in RECIPES:
+        return ""
+    return ";".join(f"{k}={_text(v)}" for k, v in sorted(changed_fields(recipe).items()) if k != "arch")
+
+
+def _text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+# --set FIELD=VALUE: a field's type, from its annotation, and how the command line writes it.
+_PARSERS = {"str": str, "int": int, "float": float}
+_TRUE, _FALSE, _NONE = ("true", "yes", "1", "on"), ("false", "no", "0", "off"), ("none", "null", "")
+
+
+def parse_overrides(items) -> dict:
+    """--set FIELD=VALUE (repeatable) as recipe fields, each checked against the recipe's fields and types:
+    one clear error naming the field and the known ones. A later --set of a field wins."""
+    fields = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name != "name"}
+    out = {}
+    for item in items or ():
+        field_name, sep, text = str(item).partition("=")
+        field_name = field_name.strip().replace("-", "_")
+        if not sep or not field_name:
+            raise RecipeError(f"--set {item!r}: write FIELD=VALUE, e.g. --set iterations=300 (fields: "
+                              f"`raytransfer recipes`)")
+        if field_name not in fields:
+            raise RecipeError(f"--set {item}: unknown recipe field {field_name!r}; known: {', '.join(fields)}")
+        out[field_name] = _parse_field(field_name, fields[field_name], text.strip())
+    return out
+
+
+def _parse_field(name: str, annotation: str, text: str):
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if "None" in kinds and text.lower() in _NONE:
+        return None
+    kind = next(k for k in kinds if k != "None")
+    try:
+        if kind == "bool":
+            if text.lower() not in _TRUE + _FALSE:
+                raise ValueError
+            return text.lower() in _TRUE
+        if kind == "tuple":
+            return tuple(float(v) for v in text.split(",") if v.strip())
+        return _PARSERS[kind](text)
+    except ValueError:
+        example = {"bool": "true or false", "tuple": "comma-separated numbers, e.g. 0.6,0.7", "int": "an integer",
+                   "float": "a number", "str": "a word"}[kind]
+        raise RecipeError(f"--set {name}={text}: {name} takes {example}"
+                          + (", or none" if "None" in kinds else "")) from None
 
 
 def recipe_from_dict(d: dict) -> Recipe:

@@ -80,23 +80,32 @@ def run_trial(spec: dict, device: torch.device, base_state: dict | None = None, 
     copied = [l.name for l in unwrap(net).layer_table()[:n]] if mode == "finetune" else ()
     epoch_log = [] if resume_state is None else list(resume_state.get("epoch_log", []))
 
-    def on_epoch(metrics, state):
+    def on_record(metrics, state):                     # each evaluation or each epoch (loop.py): a bounded log
         epoch_log.append(dict(metrics))
         state["epoch_log"] = epoch_log                 # the curve survives a resume
         if report is not None:
             report(metrics, state)
 
-    summary = fit(model, recipe, loaders, device, state=resume_state, report=on_epoch, copied_layers=copied)
+    summary = fit(model, recipe, loaders, device, state=resume_state, report=on_record, copied_layers=copied)
     check = verify_frozen(unwrap(net), reference) if reference is not None else None
     if check is not None and not check["ok"]:
         log.error("frozen layers changed during training: %s", check["mismatched"][:5])
     summary.update(frozen_check=None if check is None else check["ok"],
                    frozen_mismatched=[] if check is None else list(check["mismatched"]),
                    train_images_per_s=_mean([m["images_per_s"] for m in epoch_log]), epoch_log=epoch_log,
+                   input=getattr(loaders, "input", None), input_wait_share=input_wait_share(epoch_log),
                    wall_s=time.time() - t0, num_classes=num_classes, train_samples=loaders.train.num_samples,
                    images_per_class=loaders.train.num_samples / len(spec["target_classes"]))
     summary["state_dict"] = {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()}
     return summary
+
+
+def input_wait_share(epoch_log) -> float:
+    """The share (0..1) of the training time the steps waited on input, over every record of the run (resumes
+    included; records written before the wait was measured count as unknown: NaN)."""
+    if not epoch_log or any("input_wait_s" not in m for m in epoch_log):
+        return float("nan")
+    return sum(m["input_wait_s"] for m in epoch_log) / max(sum(m["train_s"] for m in epoch_log), 1e-9)
 
 
 def _mean(values):

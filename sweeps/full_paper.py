@@ -11,8 +11,8 @@ dissimilar split), AnB+ beats the base (fine-tuning boost), random frozen layers
 Cost: the embedded default (synthetic data, demo scale: 3 training seeds x n = 1, 3, 5, 7, every treatment
 on the similar split and, as in the paper, frozen AnB alone on the dissimilar one: 87 networks trained to
 their plateau + 18 diagnostics) takes about 14 minutes on 2 CPU cores; `--scale paper` with the paper's four
-random splits and the dissimilar one in both directions is 276 networks (12 of them reduced-volume), ~276
-H100-hours (see `--dry-run`).
+random splits and the dissimilar one in both directions is 276 networks (12 of them reduced-volume), ~524
+H100-hours at the `paper` recipe's fp32 eager step (see `--dry-run`; `--set` changes any recipe field).
 
     python sweeps/full_paper.py --dry-run                     # the job table and an estimate
     python sweeps/full_paper.py                               # demo: synthetic data, both splits

@@ -38,6 +38,17 @@ def pytest_unconfigure(config):
     os._exit(_EXIT["status"])
 
 
+@pytest.fixture
+def one_thread():
+    """Steps of microseconds on one thread: on the shared 2 cores a second thread mostly waits for the first."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY_SYNTHETIC = dict(train_per_class=4, val_per_class=2, superclasses_per_family=2, classes_per_superclass=2)
 
 

@@ -28,6 +28,7 @@ CHROMIUM = "/usr/bin/chromium"
 def make_row(key, treatment, target, n=0, value=0.5, split_kind="similar", split_seed=0, seed=0, source=""):
     """One row of the sweep's results contract."""
     return {"job_key": key, "dataset": "toy", "split_kind": split_kind, "split_seed": split_seed, "seed": seed,
+            "split": f"similar-s{split_seed}" if split_kind == "similar" else split_kind,
             "treatment": treatment, "source_half": source, "target_half": target, "n": n, "arch": "tiny",
             "recipe": "fast", "top1_final": value, "top1_best10": value, "top5_final": "", "epochs": 3,
             "train_images_per_s": 100.0, "wall_s": 1.0, "frozen_check": "true" if n and "+" not in treatment else "",
@@ -113,10 +114,13 @@ def test_paper_only_report_builds_with_sane_table1(paper_report):
         for cell in values[normalisation].values():
             assert all(v is not None and -0.05 < v < 0.05 for v in cell.values())
     check = json.loads((out / "science_check.json").read_text())
-    # the paper logged one dissimilar split: its specificity gap is there, but one unit gives no interval
-    assert check["specificity"]["answer"] == "unresolved"
+    # the paper logged one dissimilar split in both directions: two units (split x training seed x target half)
+    # against the similar splits' eight, so a Welch interval, and it excludes zero
+    assert check["specificity"]["answer"] == "yes" and check["specificity"]["units"] == 2 + 8
     assert check["specificity"]["dissimilar_AnB7_minus_base"] < check["specificity"]["similar_AnB7_minus_base"] < 0
-    assert check["convergence"]["bases_with_rule"] == 0          # the paper's table does not record it
+    # the sweep's convergence rule on the paper's logged curves: all 11 bases (8 similar, 2 dissimilar, netbase)
+    assert check["convergence"]["bases_with_rule"] == 11 and check["convergence"]["bases_not_converged"] == []
+    assert check["co_adaptation"]["left_out_unknown_convergence"] == 0
 
 
 def test_paper_rows_cover_every_logged_network_once():
@@ -228,7 +232,7 @@ def test_bootstrap_intervals_narrow_with_more_seeds():
     width_few = (few["high"] - few["low"]).mean()
     width_many = (many["high"] - many["low"]).mean()
     assert width_many < 0.5 * width_few, (width_few, width_many)
-    assert (many["units"] == 8).all() and (few["units"] == 2).all()
+    assert (many["units"] == 16).all() and (few["units"] == 4).all()      # seeds x target halves
     assert set(many.loc[many["effect"] == "specificity loss", "networks"]) == {32}  # 8 seeds x 2 halves x 2
     # with 8 seeds the intervals cover the effects built in (specificity = 0.006 n, boost = 0.015)
     truth = {"co-adaptation loss": lambda n: 0.004 * n, "specificity loss": lambda n: 0.006 * n,
@@ -306,7 +310,8 @@ def diagnostic_tables(tmp_path: Path) -> Path:
             for treatment in ("AnB", "AnB+"):
                 rows.append(make_row(f"{kind}-{treatment}{n}", treatment, "B", n=n, value=0.7 - drop * n / 3
                                      + (0.05 if "+" in treatment else 0), split_kind=kind, source="A"))
-        unit = {"split_kind": kind, "split_seed": 0, "split": kind, "seed": 0, "source_half": "A",
+        unit = {"split_kind": kind, "split_seed": 0, "split": "similar-s0" if kind == "similar" else kind,
+                "seed": 0, "source_half": "A",
                 "target_half": "B", "job_key": f"{kind}-diag"}
         for i, la in enumerate(layers, 1):
             for j, lb in enumerate(layers, 1):
@@ -337,6 +342,7 @@ def test_report_draws_the_diagnostics_in_headless_chromium(tmp_path):
     report = build_report(diagnostic_tables(tmp_path))
     page = report.read_text()
     assert 'id="diagnostics"' in page and 'id="transferability"' in page and "τ = +0.60" in page
+    assert 'id="shared-init"' in page          # recipe fast: baseA and baseB from one init, said beside the heatmap
     for name in DIAGNOSTIC_FILES:
         assert (tmp_path / f"{name}.html").is_file()
     if not Path(CHROMIUM).exists():

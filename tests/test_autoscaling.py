@@ -80,7 +80,8 @@ def test_smoke_sweep_as_a_ray_job_trains_on_autoscaled_gpu_workers(cluster, tmp_
     print(f"job: {time.time() - t0:.0f} s from submit to its end; first GPU worker alive after {first_worker} s")
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-5000:]
-    assert "host=process, 1 GPU + 1 CPU per trial on gpu_worker" in logs       # GPUs asked for, none alive at submit
+    # GPUs asked for, none alive at submit; the trial's CPUs from the GPU node type (1 CPU per GPU here)
+    assert "host=process, 1 GPU + 1 CPU (gpu_worker's CPUs per GPU (1 / 1)) per trial on gpu_worker" in logs
     assert re.search(r"Number of trials\s+13\b", logs)              # Tune's banner: the real number of jobs
 
     table = pd.read_csv(out / "results.csv")

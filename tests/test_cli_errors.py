@@ -273,3 +273,119 @@ def test_storage_a_node_cannot_see(capsys, cluster, env, seeded):
     one_error(err, f"--storage {out} is not shared: 1 of the cluster's 2 nodes cannot use it", "s3://bucket/prefix",
               "shared filesystem mounted at the same path on every node")
     check_nothing_trained_nothing_lost(out, before)
+
+
+# -- which errors are one line: the user's input, never a bug ---------------------------------------
+
+def test_a_bad_grid_value_is_one_line_and_an_internal_error_shows_its_traceback(capsys, env, tmp_path, monkeypatch):
+    """A sweep file's grid with a treatment that does not exist (checked in jobs.validate_axes, after the data
+    is resolved): one line. An internal ValueError (here injected into the dataset step) propagates with its
+    traceback instead of passing for bad input."""
+    from ray import tune
+
+    from raytransfer.sweep import runner
+
+    bad = {**GRID, "treatment": tune.grid_search(["AnB", "AnBB"])}
+    capsys.readouterr()
+    assert main(bad, FLAGS[:2] + ["--out", str(tmp_path / "x"), "--dry-run"], name="full_paper") == 2
+    one_error(capsys.readouterr().err, "unknown treatment 'AnBB'; expected one of")
+
+    def broken(*args):
+        raise ValueError("an internal bug, not the user's input")
+
+    monkeypatch.setattr(runner, "resolve_dataset", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(GRID, FLAGS + ["--out", str(tmp_path / "y"), "--dry-run"], name="full_paper")
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_an_unreadable_job_store_stops_the_sweep_with_one_line(capsys, env, seeded, monkeypatch):
+    """A record the store cannot read (a folder where a record should be: an OSError other than 'not found'):
+    the sweep stops with one line naming it, rather than train that job again."""
+    from raytransfer.sweep import store as store_module
+
+    monkeypatch.setattr(store_module, "READ_BACKOFF_S", 0.01)
+    out, before = seeded
+    (out / "jobstore" / "jobs" / "somejob.json").mkdir()
+    rc, err = run_main(capsys, FLAGS + ["--out", str(out), "--dry-run"])
+    assert rc == 2
+    one_error(err, "cannot read", "somejob.json", "tried 4 times", "rerun the same command")
+    (out / "jobstore" / "jobs" / "somejob.json").rmdir()
+    check_nothing_trained_nothing_lost(out, before)
+
+
+def test_raytransfer_commands_one_line_for_input_traceback_for_bugs(capsys, tmp_path, monkeypatch):
+    from raytransfer import cli, models
+
+    assert cli.main(["layers", "alexnet9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raytransfer layers: error: unknown architecture 'alexnet9'"), err
+    assert cli.main(["layers", "caffenet", "--resolution", "8"]) == 2     # too small for its poolings
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+    def broken(model):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(models, "describe_layers", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        cli.main(["layers", "caffenet"])
+
+
+def test_report_of_a_folder_without_results_is_one_line(capsys, tmp_path):
+    """`raytransfer report DIR` and `python -m analysis DIR` on a folder without a results table, or with
+    a setting the table lacks: one line naming the problem and the fix; the same flags in both."""
+    import pandas as pd
+
+    from analysis.__main__ import main as analysis_main
+    from raytransfer import cli
+
+    for command in (lambda a: cli.main(["report", *a]), analysis_main):
+        assert command([str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"no results table in {tmp_path}" in err[0], err
+        assert "pass the sweep's results folder" in err[0]
+    row = {"job_key": "b", "dataset": "toy", "split_kind": "similar", "split_seed": 0, "seed": 0, "treatment": "baseA",
+           "target_half": "A", "n": 0, "arch": "tiny", "recipe": "fast", "top1_best10": 0.5, "status": "done"}
+    pd.DataFrame([row]).to_csv(tmp_path / "results.csv", index=False)
+    for command in (lambda a: cli.main(["report", *a]), analysis_main):
+        assert command([str(tmp_path), "--arch", "resnet18", "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no rows with arch 'resnet18'; the table has ['tiny']" in err[0], err
+    pd.DataFrame([row, {**row, "job_key": "c", "arch": "other"}]).to_csv(tmp_path / "results.csv", index=False)
+    assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "both")]) == 0   # two settings: a note
+    page = (tmp_path / "both" / "report.html").read_text()
+    assert "pick one: raytransfer report RESULTS_DIR --dataset D --arch A --recipe R" in page
+    assert cli.main(["report", str(tmp_path), "--dataset", "toy", "--arch", "tiny", "--recipe", "fast",
+                     "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "report.html").is_file() and "pick one" not in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_report_takes_the_flags_of_python_m_analysis():
+    import argparse
+
+    from analysis.__main__ import add_report_args
+    from raytransfer.cli import add_report_args as cli_report_args
+
+    def options(add):
+        p = argparse.ArgumentParser()
+        add(p)
+        return sorted((a.dest, tuple(a.option_strings), a.default) for a in p._actions)
+
+    assert options(add_report_args) == options(cli_report_args)
+
+
+@pytest.mark.parametrize("sets, phrases", [
+    (["colour=red"], ["unknown recipe field 'colour'; known: arch, width"]),
+    (["width=wide"], ["--set width=wide: width takes a number"]),
+    (["compile=maybe"], ["compile takes true or false"]),
+    (["iterations"], ["write FIELD=VALUE"]),
+    (["crop=square"], ["crop 'square'; expected one of paper, rrc"]),
+    (["batch_size=0"], ["batch_size must be > 0"]),
+])
+def test_a_bad_set_is_one_line_naming_the_field(capsys, env, tmp_path, sets, phrases):
+    """--set is checked against the recipe's fields and types before anything is prepared or trained."""
+    argv = FLAGS + ["--out", str(tmp_path / "x"), "--dry-run"] + [a for s in sets for a in ("--set", s)]
+    rc, err = run_main(capsys, argv)
+    assert rc == 2
+    one_error(err, *phrases)
+    assert not (tmp_path / "x").exists()

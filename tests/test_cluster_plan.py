@@ -37,6 +37,21 @@ def test_several_workers_need_ray_train_and_share_the_slots():
     assert plan_trials([HEAD, unbounded], None, 1, 1.0).concurrency is None
 
 
+def test_a_gpu_trial_gets_its_node_types_cpus_per_gpu_unless_asked():
+    """--cpus-per-trial not given (None): a GPU worker gets the GPU node type's CPUs per GPU (g5.12xlarge:
+    48 vCPUs / 4 GPUs = 12), times its share of a GPU; the fewest over the GPU types; a CPU trial 1; asked wins."""
+    plan = plan_trials([HEAD, GPU_WORKER], None, 1, None)
+    assert (plan.cpus_per_worker, plan.concurrency) == (12.0, 32) and "gpu_worker" in plan.cpus_from
+    assert plan_trials([HEAD, GPU_WORKER], 0.5, 1, None).cpus_per_worker == 6.0
+    assert plan_trials([HEAD, GPU_WORKER], None, 1, 3.0).cpus_per_worker == 3.0
+    assert plan_trials([HEAD], None, 1, None).cpus_per_worker == 1.0
+    small = NodeType("g4dn.12xlarge", {"CPU": 48.0, "GPU": 4.0}, 2, launchable=True)
+    eight = NodeType("p4d.24xlarge", {"CPU": 96.0, "GPU": 8.0}, 2, launchable=True)
+    lean = NodeType("lean", {"CPU": 16.0, "GPU": 8.0}, 1, launchable=True)
+    assert plan_trials([HEAD, small, eight], None, 1, None).cpus_per_worker == 12.0
+    assert plan_trials([HEAD, small, lean], None, 1, None).cpus_per_worker == 2.0    # every GPU of both types fits
+
+
 @pytest.mark.parametrize("gpus, cpus, phrases", [
     (8, 1.0, ["--gpus-per-trial 8", "gpu_worker (CPU 48, GPU 4; up to 8 node(s))", "ask for fewer"]),
     (1, 64.0, ["--cpus-per-trial 64", "alive node (CPU 8; 1 alive)"]),
@@ -216,3 +231,32 @@ def test_nothing_below_the_sweep_imports_it_and_runner_and_tuning_do_not_import_
         assert not bad, (f.name, bad)
     assert not [m for m in _imports(pkg / "sweep" / "tuning.py") if m.endswith("runner")]    # one direction only
     assert ".tuning" in _imports(pkg / "sweep" / "runner.py")
+
+
+def test_the_estimate_uses_the_recipes_own_step_speed_and_says_what_it_assumes(capsys, monkeypatch):
+    """paper runs fp32 eager (12.6k img/s on the H100), fast compiled bf16 at batch 1024 (27.0k); a frozen n = 7
+    job costs its measured share, a fine-tuned one a full step; a recipe never measured gets no estimate."""
+    from types import SimpleNamespace
+
+    from raytransfer.recipes import get_recipe
+    from raytransfer.step_costs import relative_cost, step_speed
+    from raytransfer.sweep import estimate
+
+    paper, fast = get_recipe("paper"), get_recipe("fast")
+    assert step_speed(paper).img_per_s == 12_600 and step_speed(fast).img_per_s == 27_000
+    assert step_speed(get_recipe("demo")) is None and step_speed(get_recipe("paper", batch_size=512)) is None
+    assert relative_cost("AnB", 7) == relative_cost(7) == pytest.approx(0.65 / 1.77)
+    assert relative_cost("AnB+", 7) == relative_cost("baseA", 0) == 1.0
+    assert relative_cost("BnB", 7, step_speed(fast)) == pytest.approx(23_164 / 59_684)
+    monkeypatch.setattr(estimate, "_train_images_per_class", lambda dataset: 1300)
+    job = lambda t, n: SimpleNamespace(key=f"{t}{n}", is_diagnostic=False, k=0, treatment=t, n=n,
+                                       spec={"recipe": paper.to_dict(), "target_classes": list(range(500))})
+    estimate.print_estimate([job("baseA", 0), job("AnB", 7), job("AnB+", 7)], {}, paper, None)
+    out = capsys.readouterr().out
+    hours = 450_000 * 256 / 12_600 / 3600 * (2 + 0.65 / 1.77)
+    assert f"estimate: {hours:.1f} GPU-hours for the 3 jobs" in out and "12,600 img/s" in out and "fp32" in out
+    assert "input: assumed to keep up" in out and "pixel store" in out
+    estimate.print_estimate([job("baseA", 0)], {}, get_recipe("paper", input="ffcv"), None, cpus_per_trial=8)
+    assert "FFCV decodes on the trial's 8 CPU(s), about 2,050 img/s" in capsys.readouterr().out
+    estimate.print_estimate([job("baseA", 0)], {}, get_recipe("demo"), None)
+    assert "estimate: none for recipe demo" in capsys.readouterr().out

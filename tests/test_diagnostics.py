@@ -293,3 +293,31 @@ def test_smoke_sweep_writes_diagnostics_and_skips_them_on_a_rerun(tmp_path):
     assert {k: json.loads((out / "jobstore" / "jobs" / f"{k}.json").read_text())["recorded_at"] for k in records} == \
         {k: r["recorded_at"] for k, r in records.items()}
     pd.testing.assert_frame_equal(pd.read_csv(out / "diagnostics.csv"), diag)
+
+
+def test_estimators_pair_with_the_measured_nets_of_their_own_split_only():
+    """Two --split-file manifests are both split_kind 'file', seed 0: the unit's split label keeps them apart."""
+    import pandas as pd
+
+    from raytransfer.diagnostics import estimator_pairs
+
+    unit = {"split_kind": "file", "split_seed": 0, "seed": 0, "target_half": "B"}
+    measured = pd.DataFrame([{**unit, "split": s, "n": 1, "top1_best10": v} for s, v in (("mine1", 0.4), ("mine2", 0.6))])
+    estimates = pd.DataFrame([{**unit, "split": s, "n": 1, "value": v} for s, v in (("mine1", -1.0), ("mine2", -2.0))])
+    pairs = estimator_pairs(measured, estimates, "logme")
+    assert len(pairs) == 2
+    assert dict(zip(pairs["split"], pairs["value"])) == {"mine1": -1.0, "mine2": -2.0}
+
+
+def test_the_report_says_when_the_bases_started_from_one_init():
+    import pandas as pd
+
+    from analysis.diagnostics import bases_share_init
+
+    def bases(recipe, overrides=""):
+        return pd.DataFrame([{"treatment": t, "recipe": recipe, "recipe_set": overrides} for t in ("baseA", "baseB")])
+
+    assert bases_share_init(bases("demo")) is True                       # one init stream for both bases
+    assert bases_share_init(bases("paper")) is False                     # the paper: independent bases
+    assert bases_share_init(bases("paper", "independent_bases=False;iterations=300")) is True
+    assert bases_share_init(bases("demo", "independent_bases=True")) is False

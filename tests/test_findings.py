@@ -92,6 +92,38 @@ def test_comparisons_against_a_base_that_did_not_converge_are_left_out():
         assert part["answer"] == "not enough rows" and part["left_out_unconverged_base"] > 0
 
 
+def test_comparisons_against_a_base_of_unknown_convergence_are_left_out_and_counted():
+    """A base whose row does not say whether it converged (None) counts as not known to have converged;
+    the finding leaves its networks out and says so, apart from the bases that did not converge."""
+    check = science_check(table(base_converged=None))
+    for part in check.values():
+        assert part["answer"] == "not enough rows" and part["left_out_unknown_convergence"] > 0
+        assert part["left_out_unconverged_base"] == 0 and "convergence is not recorded" in part["text"]
+    mixed = table()
+    mixed["base_converged"] = mixed["base_converged"].astype(object)
+    seed0 = (mixed["seed"] == 0) & (mixed["split_kind"] == "similar")
+    mixed.loc[seed0, "base_converged"] = None                   # one unit's base: unknown
+    seed1 = (mixed["seed"] == 1) & (mixed["split_kind"] == "similar")
+    mixed.loc[seed1, "base_converged"] = False                  # another's: did not converge
+    part = science_check(mixed)["co_adaptation"]
+    assert part["answer"] != "not enough rows" and part["units"] == 4     # 6 units less those two
+    assert (part["left_out_unknown_convergence"], part["left_out_unconverged_base"]) == (28, 28)
+    assert ("28 networks left out: their base did not converge. 28 networks left out: their base's convergence "
+            "is not recorded") in part["text"]
+
+
+def test_rows_from_old_records_without_convergence_are_left_out(tmp_path):
+    """A results table from before the sweep recorded `converged` (no such column; or the column empty, as
+    a table that mixes old and new records writes it): every comparison's base is of unknown convergence."""
+    old = table().drop(columns=["converged", "base_converged", "base_value", "rel"])
+    for frame in (old, old.assign(converged=float("nan"))):
+        frame.to_csv(tmp_path / "results.csv", index=False)
+        rows = with_base(normalise_rows(pd.read_csv(tmp_path / "results.csv")))
+        check = science_check(rows)
+        assert {p["answer"] for p in check.values()} == {"not enough rows"}
+        assert all(p["left_out_unknown_convergence"] > 0 for p in check.values())
+
+
 def test_welch_interval_matches_scipy():
     a, b = [-0.10, -0.12, -0.09, -0.11], [-0.01, 0.02, 0.00]
     estimate, low, high = welch_interval(a, b)

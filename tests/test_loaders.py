@@ -232,16 +232,21 @@ def _ddp_rank(rank, data_dir, out_dir):
         dist.destroy_process_group()
 
 
-def test_ddp_ranks_read_disjoint_shares(xy, tmp_path):
-    """Two gloo ranks, forked (FFCV is already imported here; spawning would import it again, ~10 s)."""
-    ctx = torch.multiprocessing.start_processes(_ddp_rank, (xy[0], tmp_path), nprocs=2, join=False,
-                                                start_method="fork")
-    deadline = time.monotonic() + 120
+def run_two_ranks(fn, *args, timeout_s: float = 120):
+    """Two gloo ranks of `fn(rank, *args)`, forked (FFCV is already imported here; spawning would import it
+    again, ~10 s); killed and failed if they do not finish in time."""
+    ctx = torch.multiprocessing.start_processes(fn, args, nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("the DDP ranks did not finish within 120 s")
+            pytest.fail(f"the DDP ranks did not finish within {timeout_s:.0f} s")
+
+
+def test_ddp_ranks_read_disjoint_shares(xy, tmp_path):
+    """Two gloo ranks read disjoint shares of the half."""
+    run_two_ranks(_ddp_rank, xy[0], tmp_path)
     r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in (0, 1))
     labels = label_column(xy[0] / "train.beton")
     train_ids = set(np.flatnonzero(np.isin(labels, [1, 3])).tolist())
@@ -252,6 +257,35 @@ def test_ddp_ranks_read_disjoint_shares(xy, tmp_path):
     val_ids = np.flatnonzero(np.isin(label_column(xy[0] / "val.beton"), [1, 3])).tolist()
     assert sorted(r0["val"].tolist() + r1["val"].tolist()) == val_ids                 # every image exactly once
     assert (len(r0["val"]), len(r1["val"])) == (4, 3)
+
+
+def _ddp_store_rank(rank, data_dir, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous-store", rank=rank, world_size=2)
+    try:
+        got = build_half_loaders(data_dir, HALF, CropSpec("paper", CROP), batch_size=2, device=CPU, seed=5,
+                                 distributed=True, input="memory")
+        got.train.set_epoch(1)
+        x, y = zip(*[(a.clone(), b.clone()) for a, b in got.train])
+        torch.save({"input": got.input, "x": x, "y": y, "val": torch.from_numpy(got.val.ids)},
+                   out_dir / f"store{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_of_the_pixel_store_split_the_one_worker_batches(xy, tmp_path):
+    """--workers-per-trial 2 keeps the demo's input: each rank reads the store and takes its half of every
+    one-worker batch (same seed, same crops), so the two ranks see exactly what one worker would."""
+    one = build_half_loaders(xy[0], HALF, CropSpec("paper", CROP), batch_size=4, device=CPU, seed=5, input="memory")
+    one.train.set_epoch(1)
+    want = [(a.clone(), b.clone()) for a, b in one.train]
+    run_two_ranks(_ddp_store_rank, xy[0], tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"store{r}.pt") for r in (0, 1))
+    assert r0["input"] == r1["input"] == "pixel_store" and len(r0["x"]) == len(r1["x"]) == len(want) == 4
+    for (x, y), x0, x1, y0, y1 in zip(want, r0["x"], r1["x"], r0["y"], r1["y"]):
+        assert torch.equal(x, torch.cat([x0, x1])) and torch.equal(y, torch.cat([y0, y1]))
+    assert sorted(torch.cat([r0["val"], r1["val"]]).tolist()) == sorted(one.val.ids.tolist())   # disjoint shards
 
 
 def test_two_halves_sharing_a_compiled_loader_each_read_their_own_samples(xy):
@@ -275,7 +309,7 @@ def test_two_halves_sharing_a_compiled_loader_each_read_their_own_samples(xy):
     assert sum(len(y) for y in [first] + rest) == a.val.num_samples
 
 
-# -- the in-memory input of the CPU recipes: the same half and crops as FFCV, seeded ------------------
+# -- the pixel store ("memory", the demo's name for it): the same half and crops as FFCV, seeded ----------
 
 @pytest.fixture(scope="module")
 def memory(xy):
@@ -284,9 +318,10 @@ def memory(xy):
 
 
 def test_memory_input_reads_the_half_with_the_papers_crops(memory, loaders, xy):
-    from raytransfer.memory_loader import MemoryLoader
+    from raytransfer.device_input import StoreLoader
 
-    assert isinstance(memory.train, MemoryLoader) and isinstance(memory.val, MemoryLoader)
+    assert isinstance(memory.train, StoreLoader) and isinstance(memory.val, StoreLoader)
+    assert memory.input == "pixel_store" and isinstance(memory.train.images, np.memmap)
     assert (len(memory.train), memory.train.num_samples, memory.val.num_samples) == (4, 16, 7)
     assert len(memory.val) == 1                        # evaluation batches of up to 256 (no gradient to hold)
     ffcv_val = torch.cat([x.clone() for x, _ in loaders.val])
@@ -325,14 +360,14 @@ def test_memory_input_of_larger_stored_images_holds_them_at_the_crops_side(xy, t
     each image is shrunk once to 40 px and held, so the centre crops are the FFCV path's (its 128 px window
     resized to 32), pixel for pixel, and every random crop is a 32 px slice of the 40 px picture (within
     rounding: the 4x enlargement blurs its last column), at any of its 9 x 9 offsets, mirrored or not."""
-    from raytransfer.memory_loader import MemoryLoader
+    from raytransfer.device_input import StoreLoader
 
     big = tmp_path / "big"
     m = prepare("folder", xy[0].parent / "tree", big, resolution=4 * STORED, format="raw", workers=1)
     crop = CropSpec("paper", CROP, resize=STORED)
     held = build_half_loaders(big, HALF, crop, batch_size=4, device=CPU, seed=0, input="memory")
     ffcv = build_half_loaders(big, HALF, crop, batch_size=4, device=CPU, seed=0)
-    assert isinstance(held.train, MemoryLoader) and held.train.images.shape[1:] == (STORED, STORED, 3)
+    assert isinstance(held.train, StoreLoader) and held.train.images.shape[1:] == (STORED, STORED, 3)
     want = np.concatenate([pixels(images, m) for images, _ in ffcv.val])
     got = np.concatenate([pixels(images, m) for images, _ in held.val])
     assert want.shape == got.shape and np.array_equal(got, want)
@@ -352,11 +387,18 @@ def test_memory_input_of_larger_stored_images_holds_them_at_the_crops_side(xy, t
     assert len({(ox, oy) for ox, oy, _ in seen}) >= 4 and {mi for *_, mi in seen} == {True, False}
 
 
-def test_memory_input_falls_back_to_ffcv_where_it_does_not_apply(xy):
+def test_the_store_serves_every_crop_ffcv_serves_and_ffcv_input_stays_ffcv(xy):
+    """Random-resized crops and crops that enlarge the picture read the store too (no silent switch to
+    FFCV's unseeded crops); input 'ffcv' is FFCV."""
+    from raytransfer.device_input import StoreLoader
     from raytransfer.loaders import HalfLoader
 
     rrc = build_half_loaders(xy[0], HALF, CropSpec("rrc", CROP), batch_size=4, device=CPU, seed=0, input="memory")
-    assert isinstance(rrc.train, HalfLoader)
     enlarged = build_half_loaders(xy[0], HALF, CropSpec("paper", CROP - 8, resize=2 * STORED), batch_size=4,
-                                  device=CPU, seed=0, input="memory")      # 12 px of the 40 px image, enlarged to 24
-    assert isinstance(enlarged.train, HalfLoader)
+                                  device=CPU, seed=0, input="pixel_store")     # 12 px of the 40 px image, enlarged to 24
+    for got, size in ((rrc, CROP), (enlarged, CROP - 8)):
+        assert isinstance(got.train, StoreLoader) and got.input == "pixel_store"
+        images, labels = next(iter(got.train))
+        assert images.shape == (4, 3, size, size) and torch.isfinite(images).all()
+    ffcv = build_half_loaders(xy[0], HALF, CropSpec("paper", CROP), batch_size=4, device=CPU, seed=0, input="ffcv")
+    assert isinstance(ffcv.train, HalfLoader) and ffcv.input == "ffcv"

@@ -2,17 +2,23 @@
 the trial's own process and under Ray Train's TorchTrainer (two CPU workers, DDP over gloo)."""
 import copy
 import functools
+import importlib.util
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
+import types
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from raytransfer.hosts import load_state, save_state
 from raytransfer.sweep.store import load_weights
-from raytransfer.loop import best_k_mean
+from raytransfer.loop import best_k_mean, fit
 from raytransfer.prepare import prepare
 from raytransfer.recipes import get_recipe
 from raytransfer.synthetic import SyntheticSpec
@@ -26,6 +32,7 @@ RECIPE = get_recipe("smoke", epochs=8, lr=0.005, schedule="step", warmup_fractio
 CHANCE = 0.25
 CPU = torch.device("cpu")
 EPOCH_KEYS = {"epoch", "train_loss", "val_top1", "val_top5", "images_per_s", "lr", "step"}
+RECORD_KEYS = EPOCH_KEYS | {"input_wait_s", "train_s", "train_images", "total_steps"}     # every record's
 SUMMARY_KEYS = {"top1_final", "top1_best10", "wall_s", "frozen_check", "epochs", "evaluations", "plateau_rise",
                 "converged"}
 
@@ -62,6 +69,11 @@ def test_loop_learns_in_process(base_run):
     assert [m["lr"] for m in epochs][-1] == pytest.approx(RECIPE.lr * 0.1)       # the step schedule ran
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     assert SUMMARY_KEYS <= summary.keys() and summary["frozen_check"] is None
+    log = summary["epoch_log"]                                   # the input path and the share of time waiting on it
+    assert summary["input"] in ("pixel_store", "ffcv") and all(m["input_wait_s"] >= 0 for m in log)
+    waited, trained = sum(m["input_wait_s"] for m in log), sum(m["train_s"] for m in log)
+    assert summary["input_wait_share"] == pytest.approx(waited / trained)
+    assert 0 <= summary["input_wait_share"] < 1
     assert summary["top1_final"] > 2 * CHANCE                                     # clearly above chance
     history = reports[-1][1]["history"]
     assert summary["evaluations"] == len(history) == 8 * RECIPE.evals_per_epoch
@@ -236,3 +248,110 @@ def test_until_plateau_lowers_the_rate_at_each_plateau_and_stops(dataset):
         assert m["lr"] == pytest.approx(recipe.lr * recipe.gamma ** level)
     if len(epochs) < 30:                                     # stopped by the rule, not the cap
         assert plateau_state(epoch_top1(reports[-1][1]), decays=1) == (1, True)
+
+
+# --- Records by iterations, at any epoch count ---------------------------------------------------
+
+def _benchmark(name: str):
+    """A benchmark script as a module (its one-layer net and tensor loader serve these tests too)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_overhead = _benchmark("epoch_overhead")
+OneLayerNet, TensorLoader = _overhead.OneLayerNet, _overhead.TensorLoader
+
+
+def synthetic_images(images: int):
+    """The first `images` (at most 4) training images of a 4-class built-in dataset, one of each class, shrunk to
+    8 x 8: a reduced-volume half at k = 1."""
+    from raytransfer.synthetic import SyntheticImages
+
+    data = SyntheticImages(SyntheticSpec(seed=0, superclasses_per_family=2, classes_per_superclass=1,
+                                         train_per_class=1, val_per_class=1), "train")
+    pairs = [data[i] for i in range(images)]
+    x = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im, _ in pairs])
+    return F.adaptive_avg_pool2d(x, 8), torch.tensor([label for _, label in pairs])
+
+
+def tiny_loaders(images: int, batch_size: int, delay_s: float = 0.0, input_name: str = "memory"):
+    x, y = synthetic_images(images)
+    return types.SimpleNamespace(train=TensorLoader(x, y, batch_size, delay_s=delay_s),
+                                 val=TensorLoader(x, y, images, train=False), input=input_name)
+
+
+def reduced_like(iterations: int, batch_size: int, **overrides):
+    """The paper's reduced-volume solver (Caffe's SGD, x0.1 at 64/200 of the run, a test every 1000 steps)."""
+    return get_recipe("paper_reduced", iterations=iterations, batch_size=batch_size, **overrides)
+
+
+def test_records_stay_bounded_over_tens_of_thousands_of_epochs(one_thread):
+    """k = 1 of a reduced-volume net in miniature: 2 classes x 1 image at batch 2, so 10,000 iterations are 10,000
+    epochs of one step. One record (report, checkpoint state, curve row) per evaluation: 10, not 10,000."""
+    recipe = reduced_like(10_000, 2)
+    reports = []
+    summary = fit(OneLayerNet(4, 192), recipe, tiny_loaders(2, 2), CPU,
+                  report=lambda m, s: reports.append((m, {k: s[k] for k in ("epoch", "step", "history")})))
+    assert summary["epochs"] == 10_000 and summary["steps"] == 10_000
+    assert summary["evaluations"] == len(reports) == 10_000 // recipe.eval_every_iters
+    assert [m["step"] for m, _ in reports] == list(range(1000, 10_001, 1000))
+    assert [m["epoch"] for m, _ in reports] == list(range(999, 10_000, 1000))
+    assert all(RECORD_KEYS <= m.keys() and m["train_images"] == 2000 for m, _ in reports)
+    assert [len(s["history"]) for _, s in reports] == list(range(1, 11))     # the state grows by evaluations
+    assert reports[-1][0]["lr"] == pytest.approx(recipe.lr * 0.1 ** 3)           # the schedule's three decays ran
+
+
+def test_a_trial_resumed_inside_an_epoch_continues_exactly(one_thread):
+    """Evaluations every 10 steps of epochs of 3 steps fall inside epochs: a resume from any of those records
+    replays its epoch's order up to the step and gives the records and the net of the run never stopped."""
+    recipe = reduced_like(60, 1, eval_every_iters=10, milestones=(0.5,))
+    loaders = tiny_loaders(3, 1)
+    full = []
+    start = OneLayerNet(4, 192)
+    net = copy.deepcopy(start)
+    fit(net, recipe, loaders, CPU, report=lambda m, s: full.append((dict(m), copy.deepcopy(s))))
+    assert [m["step"] % 3 for m, _ in full] == [1, 2, 0, 1, 2, 0]                # mid-epoch, mostly
+    same = ("epoch", "step", "train_loss", "lr", "val_top1", "train_images")
+    for k in (0, 1, 3):
+        resumed = []
+        again = copy.deepcopy(start)
+        fit(again, recipe, loaders, CPU, state=full[k][1], report=lambda m, s: resumed.append(m))
+        assert [{f: m[f] for f in same} for m in resumed] == [{f: m[f] for f in same} for m, _ in full[k + 1:]]
+        assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), net.state_dict().values()))
+
+
+def test_each_record_has_its_input_wait_and_one_warning_names_the_fix(caplog, one_thread):
+    """A loader that takes 20 ms a batch: each record's input wait covers those sleeps, its images/s is the
+    images over its training seconds, and one warning (not one per record) says what to change."""
+    recipe = get_recipe("smoke", epochs=4, batch_size=1, evals_per_epoch=1)
+    reports = []
+    with caplog.at_level(logging.WARNING, logger="raytransfer.loop"):
+        fit(OneLayerNet(4, 192), recipe, tiny_loaders(3, 1, delay_s=0.02, input_name="ffcv"), CPU,
+            report=lambda m, s: reports.append(m))
+    assert [m["epoch"] for m in reports] == [0, 1, 2, 3]                         # by epoch: no eval_every_iters
+    for m in reports:
+        assert 3 * 0.02 <= m["input_wait_s"] <= m["train_s"]
+        assert m["images_per_s"] == pytest.approx(m["train_images"] / m["train_s"])
+    warnings = [r.getMessage() for r in caplog.records if "waited on its input" in r.getMessage()]
+    assert len(warnings) == 1 and "ffcv input" in warnings[0]
+    assert "--cpus-per-trial" in warnings[0] and "--set input=pixel_store" in warnings[0]
+
+
+def test_progress_is_logged_by_time_also_inside_an_epoch(caplog):
+    with caplog.at_level(logging.INFO, logger="raytransfer.loop"):
+        fit(OneLayerNet(4, 192), reduced_like(3, 1), tiny_loaders(3, 1), CPU, log_every_s=1e-9)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ep ")]
+    assert [line.split()[:4] for line in lines] == [["ep", "0", "it", f"{i}/3"] for i in (1, 2, 3)]
+    assert all(" loss " in line and " img/s " in line and " data " in line and " eta " in line for line in lines)
+
+
+def test_a_checkpoint_is_due_at_the_last_step_not_at_every_record_of_the_last_epoch():
+    from raytransfer.hosts import Checkpointer
+
+    hourly = Checkpointer(60)
+    assert not hourly.due({"epoch": 178, "epochs": 179, "step": 449_000, "total_steps": 450_000})
+    assert hourly.due({"epoch": 178, "epochs": 179, "step": 450_000, "total_steps": 450_000})
+    assert hourly.due({"epoch": 5, "epochs": 6}) and not hourly.due({"epoch": 4, "epochs": 6})   # by epoch, as before

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from raytransfer.cli import main as cli
-from raytransfer.sweep.monitor import SweepProgress
+from raytransfer.sweep.monitor import SweepProgress, hms
 from raytransfer.sweep.status import sweep_status
 from raytransfer.sweep.store import JobStore
 
@@ -88,6 +88,109 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(capsys):
     assert capsys.readouterr().out.strip() == "[sweep] 2/4 jobs done, 0 running, 0 failed, ETA 0:02:00"
 
 
+def test_eta_weighs_the_jobs_left_by_their_step_cost(tmp_path, capsys):
+    """After one base of 100 s, a base and three frozen n = 7 nets are left: 100 s x (1 + 3 x 0.367), not
+    4 x the mean job; the jobs left come from the store's plan less its done records."""
+    from raytransfer.step_costs import relative_cost
+
+    store = JobStore(str(tmp_path))
+    plan = [job("old", "similar", "baseA"), job("bA", "similar", "baseA"), job("bB", "similar", "baseB")]
+    plan += [{**job(f"t{i}", "similar", "AnB", "bA"), "n": 7} for i in range(3)]
+    store.write_sweep({"experiment": "tune-x", "jobs": plan})
+    store.write("old", {"metrics": {}})                                 # done before this sweep: not left
+    trial = SimpleNamespace(status="RUNNING", last_result={"time_total_s": 100.0},
+                            config={"job_key": "bA", "spec": {"treatment": "baseA", "n": 0}})
+    progress = SweepProgress(total=6, done=1, concurrency=1, store=store, tty=False)
+    progress.on_trial_complete(0, [trial], trial)
+    expected = 100.0 * (1 + 3 * relative_cost(7))
+    assert progress.eta_s(0) == pytest.approx(expected) and expected < 0.6 * 4 * 100
+    assert capsys.readouterr().out.strip().endswith(f"ETA {hms(expected)}")
+    frozen = SimpleNamespace(status="RUNNING", last_result={"time_total_s": 40.0},
+                             config={"job_key": "t0", "spec": {"treatment": "AnB", "n": 7}})
+    progress.on_trial_complete(0, [frozen], frozen)                      # 140 s for 1 + 0.367 base-jobs
+    assert progress.eta_s(0) == pytest.approx(140.0 / (1 + relative_cost(7)) * (1 + 2 * relative_cost(7)))
+
+
+def test_a_log_gets_a_progress_line_only_when_it_changes(capsys):
+    trials = [SimpleNamespace(status="RUNNING", last_result={}, config={"job_key": k}) for k in "ab"]
+    progress = SweepProgress(total=4, done=0, concurrency=2, every_s=0.0, tty=False)
+    for _ in range(5):
+        progress.on_trial_result(0, trials, trials[0], {})
+    assert capsys.readouterr().out.splitlines() == ["[sweep] 0/4 jobs done, 2 running, 0 failed"]
+    trials[1].status = "TERMINATED"
+    for _ in range(3):
+        progress.on_trial_result(0, trials, trials[0], {})
+    assert capsys.readouterr().out.splitlines() == ["[sweep] 0/4 jobs done, 1 running, 0 failed"]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]                                      # closed again: connections are refused
+
+
+def _erring_server(runs_work: bool = False):
+    """A real HTTP server that answers MLflow's requests with a 500 (all of them; or, with `runs_work`,
+    all but finding the experiment and creating runs)."""
+    import http.server
+    import threading
+
+    class Fails(http.server.BaseHTTPRequestHandler):
+        def _fail(self):
+            body = b'{"error_code": "INTERNAL_ERROR", "message": "the tracking store is broken"}'
+            status = 500
+            if runs_work and "experiments/get-by-name" in self.path:
+                status, body = 200, b'{"experiment": {"experiment_id": "1", "name": "x"}}'
+            elif runs_work and self.path.endswith("runs/create"):
+                status, body = 200, b'{"run": {"info": {"run_id": "r1", "experiment_id": "1"}, "data": {}}}'
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _fail
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fails)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("where", ["down", "erring", "logging errs"])
+def test_mlflow_down_or_erring_warns_once_per_kind_and_the_sweep_goes_on(where, monkeypatch, caplog):
+    from raytransfer.sweep.monitor import MLflowJobs
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")          # fail at once, not after backoff
+    server = _erring_server(runs_work=where == "logging errs") if where != "down" else None
+    uri = f"http://127.0.0.1:{server.server_address[1] if server else _closed_port()}"
+    try:
+        tracker = MLflowJobs(uri, "x", pause_s=0.0)
+        trials = [SimpleNamespace(trial_id=f"t{i}", config={"job_key": f"k{i}", "spec": {"treatment": "AnB", "n": 1}},
+                                  last_result={"top1_final": 0.5}) for i in range(3)]
+        with caplog.at_level("WARNING", logger="raytransfer.sweep"):
+            for t in trials:                                             # every callback returns: none raises
+                tracker.on_trial_start(0, trials, t)
+                tracker.on_trial_result(0, trials, t, {"epoch": 1, "val_top1": 0.4})
+                tracker.on_trial_complete(0, trials, t)
+                tracker.on_trial_error(0, trials, t)
+    finally:
+        if server:
+            server.shutdown()
+    warnings = [r.getMessage() for r in caplog.records if "MLflow at" in r.getMessage()]
+    assert all(uri in w and "the sweep goes on" in w for w in warnings), warnings
+    if where == "logging errs":                     # runs exist; each failing kind of call warned once
+        assert len(tracker.runs) == 3
+        assert sorted(w.split(" failed")[0].split(": ")[-1] for w in warnings) == ["log_metric", "log_param",
+                                                                                 "set_terminated"]
+    else:
+        assert len(warnings) == 1 and "get_experiment failed" in warnings[0] and tracker.runs == {}, warnings
+
+
 def test_a_watched_smoke_sweep_live_report_mlflow_tensorboard_summary(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -118,7 +221,9 @@ def test_a_watched_smoke_sweep_live_report_mlflow_tensorboard_summary(tmp_path, 
     for r in runs:
         assert r.data.params["job_key"] == r.info.run_name and "top1_best10" in r.data.metrics
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_top1")]
-        assert steps == list(range(len(steps))) and len(steps) >= 2          # one point per epoch
+        record = json.loads((out / "jobstore" / "jobs" / f"{r.info.run_name}.json").read_text())
+        assert steps == [e["step"] for e in record["metrics"]["epoch_log"]] and len(steps) >= 2   # a point a record,
+        assert steps == sorted(set(steps))                                   # at its training step
     for key in keys:                                                # TensorBoard: event files kept per job
         assert list((out / "tensorboard" / key).glob("events.out.tfevents*")), key
 

@@ -136,7 +136,10 @@ def key_grid_jobs(recipe):
 
 @pytest.mark.parametrize("name", sorted(PINNED))
 def test_keys_of_recipes_whose_behaviour_did_not_change_are_pinned(name):
-    assert sorted(j.key for j in key_grid_jobs(get_recipe(name))) == PINNED[name]
+    # issue 21: fast reads the pixel store now (new batches, so new keys); with its old FFCV input its keys
+    # are the old ones
+    assert sorted(j.key for j in key_grid_jobs(get_recipe(name, input="ffcv"))) == PINNED[name]
+    assert not {j.key for j in key_grid_jobs(get_recipe(name))} & set(PINNED[name])
 
 
 def test_paper_keys_moved_and_random_frozen_runs_on_the_whole_dataset():
@@ -395,38 +398,3 @@ def test_dry_run_default_grid_runs_the_dissimilar_split_with_frozen_transfers_on
     assert all(table[k].startswith("dissimilar0-baseA-A-") for k in table if k.startswith("dissimilar0-AnB-"))
     table = dry_run(capsys, base + ["--treatments", "AnB+,BnB"])
     assert kinds(table, "dissimilar") == kinds(table, "similar") == {"baseA": 1, "baseB": 1, "AnBp": 2, "BnB": 2}
-
-
-def test_report_draws_reduced_volume_beside_the_papers_curve_and_random_frozen_against_netbase(tmp_path):
-    import pandas as pd
-
-    from analysis.report import build_report
-
-    def row(key, treatment, n=0, value=0.5, k=0, per_class=None, kind="whole", target="all"):
-        split = kind if kind == "whole" else "similar-s0"
-        return {"job_key": key, "dataset": "toy", "split_kind": kind, "split": split,
-                "split_seed": 0, "seed": 0, "treatment": treatment, "source_half": "", "target_half": target, "n": n,
-                "arch": "caffenet", "recipe": "paper", "top1_final": value, "top1_best10": value, "epochs": 3,
-                "k": k, "images_per_class": per_class, "status": "done"}
-
-    rows = [row("nb", "netbase", value=0.60), row("rf1", "random_frozen", n=1, value=0.50),
-            row("bB", "baseB", value=0.7, kind="similar", target="B")]
-    rows += [row(f"r{k}", "reduced_k", value=v, k=k, per_class=k or 12) for k, v in ((1, 0.01), (5, 0.2), (0, 0.6))]
-    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
-    page = build_report(tmp_path).read_text()
-    assert 'id="fig6_reduced"' in page and (tmp_path / "fig6_reduced.html").is_file()
-    from analysis.results import load_rows, with_base
-
-    ranked = with_base(load_rows(tmp_path)).set_index("job_key")
-    assert ranked.loc["rf1", "rel"] == pytest.approx(-0.10)               # random_frozen vs netbase
-    assert np.isnan(ranked.loc["r5", "base_value"])                      # reduced_k: its own figure, no base
-
-    from analysis import figures
-    from analysis.paper import paper_reduced_curve
-
-    fig = figures.fig_reduced(ranked.reset_index(), paper_reduced_curve())
-    assert fig.layout.xaxis.type == "log"
-    sweep, _, paper = fig.data
-    assert sorted(sweep.x) == [1, 5, 12]                                # k = 0 (all) at its images per class
-    assert list(paper.x) == [1, 2, 5, 10, 25, 50, 100, 250, 500, 750, 1000, 1300]
-    assert paper.y[-1] == pytest.approx(0.551762)

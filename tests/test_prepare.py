@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -166,10 +167,35 @@ def test_bad_superclasses_are_one_error_line(tmp_path, capsys, layout, csv_text,
     assert not (tmp_path / "out").exists()                               # refused before writing anything
 
 
+WING, ENTITY = "n04592741", "n00001740"
+# the devkit's own synset order (its ILSVRC2012_ID), unlike the sorted wnids: airliner 1, wing 2, tench 3,
+# goldfish 4, and a synset that is not a class (num_children > 0), as meta.mat lists the WordNet tree above them
+DEVKIT_IDS = {AIRLINER: 1, WING: 2, TENCH: 3, GOLDFISH: 4}
+
+
+def write_meta_mat(path: Path, ids: dict, parents: dict | None = None):
+    """data/meta.mat in the devkit's structure: a 'synsets' struct array (ILSVRC2012_ID, WNID, words, gloss,
+    num_children, children, wordnet_height, num_train_images), classes first, then their ancestors."""
+    import scipy.io
+
+    fields = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+              "num_train_images")
+    rows = [(i, w, w, "a class", 0, np.zeros((1, 0)), 0, 1300) for w, i in ids.items()]
+    rows += [(i, w, w, "not a class", len(ids), np.arange(1, len(ids) + 1)[None], 5, 0)
+             for w, i in (parents or {}).items()]
+    synsets = np.empty((len(rows), 1), dtype=[(f, "O") for f in fields])
+    for r, values in enumerate(rows):
+        for f, v in zip(fields, values):
+            synsets[r, 0][f] = v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(str(path), {"synsets": synsets})
+
+
 def imagenet_tree(root, val_layout):
-    """A few real wnids: train/<wnid>/*.JPEG, val/ in class folders or flat + LOC_val_solution.csv."""
+    """A few real wnids: train/<wnid>/*.JPEG, val/ in class folders, or flat + Kaggle's LOC_val_solution.csv
+    ("flat"), or flat + the devkit's ILSVRC2012_validation_ground_truth.txt and data/meta.mat ("devkit")."""
     write_image_tree(root, {"train": {TENCH: 4, GOLDFISH: 3, AIRLINER: 5}})
-    val = {TENCH: 2, GOLDFISH: 3, AIRLINER: 1, "n04592741": 2}        # wing: a class absent from train/
+    val = {TENCH: 2, GOLDFISH: 3, AIRLINER: 1, WING: 2}        # wing: a class absent from train/
     if val_layout == "folders":
         write_image_tree(root, {"val": val}, seed=1)
         return root
@@ -181,6 +207,12 @@ def imagenet_tree(root, val_layout):
             image_id = f"ILSVRC2012_val_{k:08d}"
             save_image(np.full((30, 40, 3), 9 * k, np.uint8), root / "val" / f"{image_id}.JPEG")
             rows.append({"ImageId": image_id, "PredictionString": f"{wnid} 10 20 100 200 {wnid} 5 5 30 30"})
+    if val_layout == "devkit":                         # as the devkit tarball unpacks, beside train/ and val/
+        data = root / "ILSVRC2012_devkit_t12" / "data"
+        write_meta_mat(data / "meta.mat", DEVKIT_IDS, parents={ENTITY: 5})
+        wnids = [r["PredictionString"].split()[0] for r in rows]
+        (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{DEVKIT_IDS[w]}\n" for w in wnids))
+        return root
     with open(root / "LOC_val_solution.csv", "w", newline="") as f:
         w = csv.DictWriter(f, ["ImageId", "PredictionString"])
         w.writeheader()
@@ -188,7 +220,7 @@ def imagenet_tree(root, val_layout):
     return root
 
 
-@pytest.mark.parametrize("val_layout", ["flat", "folders"])
+@pytest.mark.parametrize("val_layout", ["flat", "devkit", "folders"])
 def test_imagenet_layout(tmp_path, val_layout):
     root = imagenet_tree(tmp_path / "ILSVRC", val_layout)
     m = prepare("imagenet", root, tmp_path / "out", resolution=24, workers=1)
@@ -198,15 +230,68 @@ def test_imagenet_layout(tmp_path, val_layout):
     assert m["counts"]["train"]["per_class"] == [4, 3, 5]
     assert m["counts"]["val"]["per_class"] == [2, 3, 1]                # the wing image is left out
     assert m["settings"] == {"resolution": 24, "format": "jpg", "quality": 90}
-    if val_layout == "flat":                                            # labels come from the CSV, in file order
+    if val_layout != "folders":                      # labels from the CSV or the devkit's ids, in file order
         np.testing.assert_array_equal(label_column(tmp_path / "out" / "val.beton"), [0, 0, 1, 1, 1, 2])
+
+
+def test_imagenet_devkit_labels_given_by_hand(tmp_path):
+    """--val-labels: the ground-truth file itself, or the devkit folder; the same labels either way."""
+    root = imagenet_tree(tmp_path / "ILSVRC", "devkit")
+    devkit = root / "ILSVRC2012_devkit_t12"
+    shutil.move(devkit, tmp_path / "devkit")          # not where it is looked for
+    with pytest.raises(DatasetError, match="no validation labels were found"):
+        prepare("imagenet", root, tmp_path / "out", resolution=24, workers=1)
+    for given in (tmp_path / "devkit", tmp_path / "devkit" / "data" / "ILSVRC2012_validation_ground_truth.txt"):
+        assert prep.read_val_labels(given)["ILSVRC2012_val_00000006"] == AIRLINER
+        assert prep.read_val_labels(given)["ILSVRC2012_val_00000008"] == WING
+    m = prepare("imagenet", root, tmp_path / "out", resolution=24, workers=1, val_labels=tmp_path / "devkit")
+    assert m["counts"]["val"]["per_class"] == [2, 3, 1]
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("no meta", "meta.mat is missing: the devkit's ILSVRC2012_validation_ground_truth.txt numbers classes"),
+    ("meta not a mat", "cannot read the classes of .*meta.mat"),
+    ("meta without synsets", "cannot read the classes of .*meta.mat \\(KeyError"),
+    ("id not in meta", "names class id 7, which .*meta.mat does not list"),
+    ("not an id", "line 3: 'n01440764' is not a class id"),
+    ("csv without columns", "lacks the ImageId and PredictionString columns"),
+    ("neither", "is neither Kaggle's LOC_val_solution.csv .* nor the devkit's"),
+    ("binary", "cannot read the validation labels .*UnicodeDecodeError|is neither Kaggle's"),
+])
+def test_imagenet_val_labels_it_cannot_use_are_one_error_line(tmp_path, capsys, damage, message):
+    root = imagenet_tree(tmp_path / "ILSVRC", "devkit")
+    data = root / "ILSVRC2012_devkit_t12" / "data"
+    truth = data / "ILSVRC2012_validation_ground_truth.txt"
+    if damage == "no meta":
+        (data / "meta.mat").unlink()
+    elif damage == "meta not a mat":
+        (data / "meta.mat").write_text("not a mat file")
+    elif damage == "meta without synsets":
+        import scipy.io
+        scipy.io.savemat(str(data / "meta.mat"), {"classes": np.arange(3)})
+    elif damage == "id not in meta":
+        truth.write_text(truth.read_text().replace("2\n", "7\n", 1))
+    elif damage == "not an id":
+        lines = truth.read_text().splitlines()
+        truth.write_text("\n".join(lines[:2] + [TENCH] + lines[3:]) + "\n")
+    else:
+        shutil.rmtree(root / "ILSVRC2012_devkit_t12")
+        labels = root / "LOC_val_solution.csv"
+        labels.write_bytes({"csv without columns": b"image,label\nILSVRC2012_val_00000001,n01440764\n",
+                            "neither": b"<html>not found</html>\n",
+                            "binary": bytes(range(256)) * 4}[damage])
+    out = tmp_path / "out"
+    assert main(["prepare", "imagenet", str(root), "--out", str(out), "--resolution", "24"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raytransfer prepare: error:") and re.search(message, err[0]), err
+    assert not out.exists()
 
 
 def test_imagenet_flat_val_bad_labels(tmp_path):
     root = imagenet_tree(tmp_path / "ILSVRC", "flat")
     moved = root.parent / "elsewhere.csv"
     (root / "LOC_val_solution.csv").rename(moved)
-    with pytest.raises(DatasetError, match="LOC_val_solution.csv was found.*--val-labels"):
+    with pytest.raises(DatasetError, match="no validation labels were found.*LOC_val_solution.csv.*--val-labels"):
         prepare("imagenet", root, tmp_path / "out", resolution=24)
     lines = moved.read_text().splitlines()
     moved.write_text("\n".join(lines[:-1]) + "\n")                     # the last image is not listed
@@ -235,6 +320,102 @@ def test_corrupt_jpegs_are_skipped_and_counted(folder_tree, tmp_path, capsys):
     assert (labels == prep.CORRUPT_LABEL).sum() == 1                  # kept as a placeholder no half selects
     assert main(["prepare", "folder", str(tree), "--out", str(tmp_path / "out"), "--resolution", "32"]) == 0
     assert "corrupt images skipped {'train': 1, 'val': 1}" in capsys.readouterr().out
+
+
+def test_class_mean_images_come_from_the_beton_pass(tmp_path, monkeypatch):
+    """The mean images equal a direct computation (every readable training image of a class, corrupt ones
+    left out), summed by two writer processes while they wrote the beton: no image is decoded a second time
+    for them (reads are counted across the writer processes in a log file)."""
+    tree = write_image_tree(tmp_path / "tree", {"train": {"ant": 5, "bee": 4, "cat": 6}, "val": {"ant": 1, "bee": 1,
+                                                                                              "cat": 1}})
+    write_corrupt_jpeg(tree / "train" / "bee" / "bee_cut.JPEG", "truncated")
+    reads, real_read = tmp_path / "reads.log", prep.read_file
+
+    def counted(path):
+        with open(reads, "a") as f:
+            f.write(path + "\n")
+        return real_read(path)
+
+    def no_second_pass(*args):
+        raise AssertionError("the mean images were computed in a second decoding pass")
+
+    monkeypatch.setattr(prep, "read_file", counted)
+    monkeypatch.setattr(prep, "_write_mean_images", no_second_pass)
+    out = tmp_path / "out"
+    m = prepare("folder", tree, out, resolution=20, workers=2)
+    logged = reads.read_text().splitlines()
+    means = np.load(out / prep.MEAN_IMAGES)
+    train = prep.ImageFiles(sorted(((str(f), k) for k, c in enumerate(("ant", "bee", "cat"))
+                                    for f in (tree / "train" / c).iterdir()), key=lambda s: s[0]), 20)
+    for k, n in enumerate((5, 4, 6)):
+        images = [img for img, label in (train[i] for i in range(len(train))) if label == k]
+        assert len(images) == n
+        np.testing.assert_allclose(means[k], np.mean(np.stack(images).astype(np.float64), axis=0), rtol=1e-6)
+    assert m["mean_images"]["counts"] == [5, 4, 6] and m["mean_images"]["shape"] == [3, 20, 20, 3]
+    files = [str(p) for p in tree.rglob("*.JPEG")]
+    stats_sample = min(512, 16)                        # _channel_stats: an even sample of training images
+    assert sorted(set(logged)) == sorted(files) and len(logged) == len(files) + stats_sample
+    assert not list(out.glob("*partial*")) and not list(out.glob("*counts*"))
+
+
+def test_a_file_that_cannot_be_read_stops_prepare(tmp_path, capsys):
+    """A real OSError that is not a decoding one: a folder named like an image (IsADirectoryError), met by a
+    writer process: prepare stops with that error in one line, nothing finished or partial left."""
+    tree = write_image_tree(tmp_path / "tree", {"train": {"a": 3, "b": 3}, "val": {"a": 1, "b": 1}})
+    (tree / "train" / "b" / "b_dir.JPEG").mkdir()
+    out = tmp_path / "out"
+    assert main(["prepare", "folder", str(tree), "--out", str(out), "--resolution", "16", "--workers", "2"]) == 2
+    err = capsys.readouterr().err                       # besides the writer's progress bar (tqdm, cut off)
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    line = err[err.index("raytransfer prepare: error:"):].splitlines()[0]
+    assert f"cannot read {tree / 'train' / 'b' / 'b_dir.JPEG'} (IsADirectoryError" in line and "not a corrupt image" in line
+    assert not (out / "manifest.json").exists() and not list(out.glob("*partial*")) and not list(out.glob("*.error"))
+
+
+def test_an_io_error_is_not_a_corrupt_image(tmp_path, monkeypatch):
+    """An I/O error on one file (injected into the one function that opens image files, as a network
+    filesystem gives it): an error, not a skipped image."""
+    tree = write_image_tree(tmp_path / "tree", {"train": {"a": 3, "b": 3}, "val": {"a": 1, "b": 1}})
+    victim, real_read = str(tree / "train" / "a" / "a_001.JPEG"), prep.read_file
+
+    def flaky(path):
+        if path == victim:
+            raise OSError(5, "Input/output error")
+        return real_read(path)
+
+    monkeypatch.setattr(prep, "read_file", flaky)
+    with pytest.raises(DatasetError, match=rf"cannot read {re.escape(victim)} \(OSError: Input/output error\)"):
+        prepare("folder", tree, tmp_path / "out", resolution=16, workers=1)
+    unlistable, real_iterdir = tree / "val" / "b", Path.iterdir
+
+    def iterdir(self):                                   # a class folder the filesystem will not list
+        if self == unlistable:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(DatasetError, match=rf"^cannot read {re.escape(str(unlistable))} \(PermissionError: "
+                                           r"Permission denied\): fix its permissions or the mount, then rerun$"):
+        prepare("folder", tree, tmp_path / "out2", resolution=16, workers=1)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and util-linux's setpriv")
+def test_permission_denied_stops_prepare(tmp_path):
+    """A real permission error: a chmod 000 image, read by a prepare that runs without the capabilities
+    that let root read any file (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH dropped with setpriv)."""
+    import subprocess
+    import sys
+
+    tree = write_image_tree(tmp_path / "tree", {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    locked = tree / "train" / "b" / "b_001.JPEG"
+    locked.chmod(0o000)
+    p = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-m",
+                        "raytransfer.cli", "prepare", "folder", str(tree), "--out", str(tmp_path / "out"),
+                        "--resolution", "16", "--workers", "1"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.count("error:") == 1 and "Traceback" not in p.stderr, p.stderr
+    assert f"raytransfer prepare: error: cannot read {locked} (PermissionError" in p.stderr, p.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_class_with_only_corrupt_images_fails_clearly(tmp_path):

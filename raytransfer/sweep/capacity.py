@@ -12,7 +12,8 @@ file of this cluster's monitor process on the driver's machine (`ray up`'s ~/ray
 Without any of them the cluster is taken to be fixed: the nodes alive now.
 
     types = cluster_node_types()                     # in the driver, after ray.init
-    plan = plan_trials(types, gpus_per_worker=None, workers=1, cpus_per_worker=1, host="auto")
+    plan = plan_trials(types, gpus_per_worker=None, workers=1, cpus_per_worker=None, host="auto")
+    plan.cpus_per_worker        # None asked: a GPU worker gets its node type's CPUs per GPU (g5.12xlarge: 12)
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class Plan:
     concurrency: int | None         # most trials at once (None: as many as the cluster can launch)
     fitting: list = field(default_factory=list)   # names of the node types a trial's worker fits on
     test_cluster: bool = False      # some node type carries TEST_CLUSTER_RESOURCE
+    cpus_per_worker: float = 1.0    # asked, or from the node types (node_cpus_per_worker)
+    cpus_from: str = "asked"        # where cpus_per_worker comes from, for the sweep's plan line
 
 
 def cluster_node_types() -> list[NodeType]:
@@ -131,18 +134,37 @@ def _from_config_file(path: Path) -> list[NodeType]:
     return out
 
 
-def plan_trials(types: list[NodeType], gpus_per_worker: float | None, workers: int, cpus_per_worker: float,
+def node_cpus_per_worker(types: list[NodeType], gpus_per_worker: float) -> tuple[float, str]:
+    """(CPUs, why) a worker gets when --cpus-per-trial is not given: a GPU worker the CPUs per GPU of the
+    GPU node types (the launchable ones where there are any; the fewest among them, so each GPU of every
+    such type can hold a trial: a g5.12xlarge, 48 vCPUs / 4 GPUs, gives 12), times its share of a GPU; a
+    CPU worker 1, as before."""
+    gpu_types = [t for t in types if t.resources.get("GPU", 0) >= 1 and t.resources.get("CPU", 0) >= 1]
+    gpu_types = [t for t in gpu_types if t.launchable] or gpu_types
+    if not gpus_per_worker or not gpu_types:
+        return 1.0, "a CPU trial's default"
+    per_gpu = min(t.resources["CPU"] / t.resources["GPU"] for t in gpu_types)
+    cpus = max(1.0, math.floor(per_gpu * gpus_per_worker + 1e-9))
+    low = min(gpu_types, key=lambda t: t.resources["CPU"] / t.resources["GPU"])
+    return cpus, f"{low.name}'s CPUs per GPU ({low.resources['CPU']:g} / {low.resources['GPU']:g})"
+
+
+def plan_trials(types: list[NodeType], gpus_per_worker: float | None, workers: int, cpus_per_worker: float | None,
                 host: str = "auto", max_concurrent: int | None = None) -> Plan:
     """Trial size, host and concurrency from the node types; one clear error when no type fits.
 
     GPUs per worker default to 1 when any type offers a GPU: on a GPU cluster nothing trains on the
-    head (which has none) unless asked with --gpus-per-trial 0. A one-worker trial runs in the Tune
-    trial's own process (no worker group to start, one checkpoint and retry layer); more than one
-    worker needs Ray Train's TorchTrainer (DDP).
+    head (which has none) unless asked with --gpus-per-trial 0. CPUs per worker (None: not asked) default
+    to the GPU node type's CPUs per GPU (node_cpus_per_worker), so the loaders get the cores a user pays
+    for. A one-worker trial runs in the Tune trial's own process (no worker group to start, one checkpoint
+    and retry layer); more than one worker needs Ray Train's TorchTrainer (DDP).
     """
     any_gpu = any(t.resources.get("GPU", 0) >= 1 for t in types)
     if gpus_per_worker is None:
         gpus_per_worker = 1.0 if any_gpu else 0.0
+    cpus_from = "asked"
+    if cpus_per_worker is None:
+        cpus_per_worker, cpus_from = node_cpus_per_worker(types, gpus_per_worker)
     need = {"CPU": cpus_per_worker, "GPU": gpus_per_worker}
     fitting = [t for t in types if all(t.resources.get(k, 0) >= v for k, v in need.items() if v > 0)]
     if not fitting:
@@ -170,4 +192,4 @@ def plan_trials(types: list[NodeType], gpus_per_worker: float | None, workers: i
     if max_concurrent:
         concurrency = max_concurrent if concurrency is None else min(concurrency, max_concurrent)
     test_cluster = any(t.resources.get(TEST_CLUSTER_RESOURCE, 0) > 0 for t in types)
-    return Plan(host, gpus_per_worker, concurrency, [t.name for t in fitting], test_cluster)
+    return Plan(host, gpus_per_worker, concurrency, [t.name for t in fitting], test_cluster, cpus_per_worker, cpus_from)

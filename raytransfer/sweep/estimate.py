@@ -1,12 +1,17 @@
-"""What a grid will cost, for --dry-run: GPU-hours from the measured step speeds.
+"""What a grid will cost, for --dry-run: GPU-hours from the step speed measured for the recipe itself.
 
-A job's cost relative to a base step comes from the paper's K20 logs (frozen prefixes skip the
-backward pass below the cut), a base step's speed from one H100 (raytransfer/step_costs.py). Both
-are CaffeNet's; for another architecture the dry run says so instead of guessing.
+The base step's speed is the one measured for the recipe's own precision, compile and batch
+(raytransfer/step_costs.py: the paper's fp32 eager net at 12.6k img/s, not the compiled bf16 23.9k); a
+frozen prefix scales it by its measured cost. The estimate assumes the input keeps up with that step and
+says so: the pixel store feeds 231k img/s from GPU memory (one H200); FFCV decodes on the CPU at about
+4-5k img/s per 16 cores, so a recipe reading FFCV is bound by its input, and the dry run prints that bound
+too. No estimate for a recipe whose step was never measured (another architecture, width, crop or batch).
 """
 from __future__ import annotations
 
-from ..step_costs import H100_BASE_IMG_PER_S, MEASURED_ARCH, relative_cost
+from ..step_costs import relative_cost, step_speed
+
+FFCV_IMG_PER_S_16_CORES = 4_100       # notes/ffcv.md 4.2: FFCV jpg, 16 workers, one H100 node
 
 
 def job_images(recipe, train_images: int) -> int:
@@ -14,24 +19,40 @@ def job_images(recipe, train_images: int) -> int:
     return recipe.total_steps(train_images) * recipe.batch_size
 
 
-def print_estimate(jobs, done: dict, recipe, dataset):
-    """GPU-hours of the jobs still to run, at the H100 base speed (a lower bound: input can be slower)."""
-    todo = [j for j in jobs if j.key not in done and not j.is_diagnostic]   # diagnostics: forward passes only
-    if recipe.arch != MEASURED_ARCH:
-        print(f"estimate: none for {recipe.arch}: step speeds were measured for {MEASURED_ARCH} only "
-              f"({len(todo)} jobs to run)")
-        return
+def print_estimate(jobs, done: dict, recipe, dataset, cpus_per_trial: float | None = None):
+    """GPU-hours of the jobs still to run at the recipe's measured step speed, and what that assumes."""
     from ..recipes import recipe_from_dict
 
+    todo = [j for j in jobs if j.key not in done and not j.is_diagnostic]   # diagnostics: forward passes only
+    speed = step_speed(recipe)
+    if speed is None:
+        print(f"estimate: none for recipe {recipe.name} ({recipe.arch}, width {recipe.width:g}, {recipe.crop_size} px, "
+              f"{'bf16' if recipe.bf16 else 'fp32'}{' compiled' if recipe.compile else ' eager'}, batch "
+              f"{recipe.batch_size}): no step speed was measured for it (raytransfer/step_costs.py) "
+              f"({len(todo)} jobs to run)")
+        return
     per_class = _train_images_per_class(dataset)
-    hours = 0.0
+    hours = images_total = 0.0
     for j in todo:
         own = recipe_from_dict(j.spec["recipe"])          # reduced_k jobs have their own solver
         images = job_images(own, min(per_class, j.k or per_class) * len(j.spec["target_classes"]))
-        frozen = j.n if j.treatment in ("AnB", "BnB", "random_frozen") else 0
-        hours += images / H100_BASE_IMG_PER_S * relative_cost(frozen) / 3600
-    print(f"estimate: {hours:.1f} GPU-hours for the {len(todo)} jobs to run at {H100_BASE_IMG_PER_S:,} img/s "
-          f"per base step (one H100, recipe {recipe.name}; frozen prefixes scaled by the paper's step costs)")
+        images_total += images
+        hours += images / speed.img_per_s * relative_cost(j.treatment, j.n, speed) / 3600
+    kind = f"{'bf16 + channels_last' if recipe.bf16 else 'fp32'}{', compiled' if recipe.compile else ', eager'}"
+    print(f"estimate: {hours:.1f} GPU-hours for the {len(todo)} jobs to run at {speed.img_per_s:,.0f} img/s per base "
+          f"step (recipe {recipe.name}: {kind}, batch {recipe.batch_size}; one {speed.card}, {speed.source}; frozen "
+          f"prefixes scaled by their measured step costs)")
+    if recipe.input == "ffcv":
+        cpus = cpus_per_trial or 12
+        rate = FFCV_IMG_PER_S_16_CORES * cpus / 16
+        asked = "" if cpus_per_trial else " (--cpus-per-trial not given: a g5.12xlarge's 12 per GPU)"
+        print(f"estimate: input: FFCV decodes on the trial's {cpus:g} CPU(s){asked}, about {rate:,.0f} img/s at "
+              f"{FFCV_IMG_PER_S_16_CORES:,} per 16 cores (notes/ffcv.md), below the step: bound by its input, these "
+              f"jobs take at least {images_total / rate / 3600:.1f} GPU-hours")
+    else:
+        print("estimate: input: assumed to keep up -- the node's pixel store, cropped on the GPU (231k img/s from "
+              "GPU memory on one H200, benchmarks/RESULTS.md); from host memory (a half larger than the GPU's free "
+              "memory) its copy overlaps the step but was not yet measured on a GPU")
 
 
 def _train_images_per_class(dataset) -> int:

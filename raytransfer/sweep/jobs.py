@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..models import layer_names
+from .errors import SweepError
 from ..recipes import Recipe, reduced_recipe
 from ..splits import (WNID, Split, SplitError, dissimilar_split, half_classes, is_imagenet_1k, similar_split,
                       validate_split)
@@ -124,14 +125,14 @@ def validate_axes(axes: list[dict], arch: str = "caffenet"):
     ns = n_range(arch)
     for a in axes:
         if a["split"] not in SPLIT_KINDS and not str(a["split"]).startswith(SPLIT_FILE):
-            raise ValueError(f"unknown split kind {a['split']!r}; expected one of {', '.join(SPLIT_KINDS)}, or "
+            raise SweepError(f"unknown split kind {a['split']!r}; expected one of {', '.join(SPLIT_KINDS)}, or "
                              "file:PATH (a split manifest of `raytransfer split`, as --split-file PATH)")
         if a["treatment"] not in TREATMENTS:
-            raise ValueError(f"unknown treatment {a['treatment']!r}; expected one of {', '.join(TREATMENTS)}")
+            raise SweepError(f"unknown treatment {a['treatment']!r}; expected one of {', '.join(TREATMENTS)}")
         if a["target"] not in ("A", "B"):
-            raise ValueError(f"unknown target half {a['target']!r}; expected A or B")
+            raise SweepError(f"unknown target half {a['target']!r}; expected A or B")
         if a["treatment"] != "scratch" and int(a["n"]) not in ns:
-            raise ValueError(f"n={a['n']} is outside {describe_n_range(arch)}")
+            raise SweepError(f"n={a['n']} is outside {describe_n_range(arch)}")
 
 
 def make_split(dataset: Dataset, source: str, seed: int) -> tuple[Split, str]:
@@ -195,9 +196,9 @@ def build_jobs(axes: list[dict], dataset: Dataset, recipe: Recipe, reduced_k=())
     validate_axes(axes, recipe.arch)
     bad = [k for k in reduced_k if int(k) < 0]
     if bad:
-        raise ValueError(f"reduced k {bad[0]} is negative; k counts training images per class (0: all of them)")
+        raise SweepError(f"reduced k {bad[0]} is negative; k counts training images per class (0: all of them)")
     if len(dataset.classes) < 2 * MIN_CLASSES_PER_HALF:
-        raise ValueError(f"{dataset.data_dir} ({dataset.name}) has {len(dataset.classes)} classes; the sweep splits "
+        raise SweepError(f"{dataset.data_dir} ({dataset.name}) has {len(dataset.classes)} classes; the sweep splits "
                          f"them into two halves of at least {MIN_CLASSES_PER_HALF} classes each, so it needs at least "
                          f"{2 * MIN_CLASSES_PER_HALF}: add class folders and prepare it again")
     made, by_sha, jobs = {}, {}, {}                # axis value -> split; sha -> (split, label)

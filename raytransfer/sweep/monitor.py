@@ -2,10 +2,12 @@
 heartbeat `raytransfer status` reads. Each is a Ray Tune callback in the driver.
 
 - SweepProgress: one updating bar on a terminal (tqdm), plain lines when the output is not one
-  (logs, `ray job logs`): jobs done / running / failed, an ETA, the dashboard URL; it also writes the
+  (logs, `ray job logs`; a line only when it changed): jobs done / running / failed, an ETA that
+  weighs the jobs left by their step cost (`relative_cost`), the dashboard URL; it also writes the
   heartbeat (the running jobs) into the job store.
 - LiveReport: results.csv and report.html rebuilt as jobs land, at most every `every_s`, atomically.
-- MLflowJobs: every job one MLflow run (params: its settings and key; per-epoch metrics; the final row).
+- MLflowJobs: every job one MLflow run (params: its settings and key; per-epoch metrics; the final row);
+  a tracking server that is down or errs costs one warning per kind of call, never the sweep.
 - TensorBoard: Tune writes event files per trial (tensorboardX); `keep_tensorboard` moves them to
   STORAGE/tensorboard/<job key>/ before a done job's trial folder is deleted.
 """
@@ -17,9 +19,12 @@ import time
 
 from ray import tune
 
-log = logging.getLogger("raytransfer.sweep")
+from ..step_costs import relative_cost as step_cost
 
-EPOCH_METRICS = ("val_top1", "val_top5", "train_loss", "images_per_s", "lr")
+log = logging.getLogger("raytransfer.sweep")
+DIAGNOSTIC_COST = 0.05      # a diagnostic job: forward passes over a few batches, no training
+
+EPOCH_METRICS = ("val_top1", "val_top5", "train_loss", "images_per_s", "lr", "input_wait_s")
 FINAL_METRICS = ("top1_final", "top1_best10", "top5_final", "epochs", "train_images_per_s", "wall_s")
 
 
@@ -32,22 +37,42 @@ def _failed(trial) -> bool:
     return bool((trial.last_result or {}).get("failed"))
 
 
+def relative_cost(job: dict) -> float:
+    """A job's expected length in base-jobs, from its row (treatment, n): a frozen prefix of n layers
+    skips their backward pass (step_costs: n = 7 about a third of a base step); fine-tuned, scratch,
+    base and reduced-volume nets train every layer (1.0); a diagnostic trains nothing."""
+    from .jobs import is_diagnostic
+
+    treatment = job.get("treatment") or ""
+    if is_diagnostic(treatment):
+        return DIAGNOSTIC_COST
+    try:
+        return step_cost(treatment, int(job.get("n") or 0))
+    except ValueError:                                 # an n the measured table lacks (another arch): a base
+        return 1.0
+
+
 class SweepProgress(tune.Callback):
     """Jobs done / total, running, failed, an ETA and the dashboard: a bar on a terminal, else a line at
     most every `every_s` seconds (and at every job's end). Writes the heartbeat for `raytransfer status`."""
 
     def __init__(self, total: int, done: int, concurrency: int | None, every_s: float = 10.0, store=None,
-                 dashboard: str = "", tty: bool | None = None):
+                 dashboard: str = "", tty: bool | None = None, todo: list | None = None):
+        """`todo`: the rows (job_key, treatment, n) of the jobs still to run; by default the store's plan
+        less its done records. Without either the ETA falls back to the mean length of the jobs done."""
         self.total, self.concurrency, self.every_s = total, concurrency, every_s
         self.done, self.failed, self.last, self.walls = done, 0, 0.0, []
         self.store, self.dashboard = store, dashboard
         self.tty = sys.stdout.isatty() if tty is None else tty
         self.bar, self.beat_at, self.beat_every_s = None, 0.0, 30.0
+        self.todo, self.ended, self.costs, self.printed = todo, set(), [], None
 
     def __getstate__(self):                        # the bar is a live terminal object: not part of Tune's state
         return {**self.__dict__, "bar": None}
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        config = getattr(trial, "config", None) or {}
+        self.ended.add(config.get("job_key"))
         if _failed(trial):
             self.failed += 1
         else:
@@ -56,11 +81,38 @@ class SweepProgress(tune.Callback):
             wall = last.get("time_total_s") or last.get("wall_s")      # Tune's clock includes a trial's start-up
             if wall:
                 self.walls.append(wall)
+                self.costs.append(relative_cost({**config.get("spec", {}), **config}))
         self._show(trials, force=True, ending=trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended.add((getattr(trial, "config", None) or {}).get("job_key"))
         self.failed += 1
         self._show(trials, force=True, ending=trial)
+
+    def _todo(self) -> list | None:
+        """The rows of the jobs not done when the sweep began (from the store's plan, read once)."""
+        if self.todo is None and self.store is not None:
+            try:
+                plan, done = self.store.read_sweep(), self.store.completed()
+            except Exception as e:                     # the ETA is a nicety: never stop the sweep for it
+                log.warning("ETA by job cost unavailable (%s): the mean job length is used", e)
+                plan, done = None, {}
+            self.todo = [j for j in (plan or {}).get("jobs", []) if j.get("job_key") not in done] if plan else []
+        return self.todo
+
+    def eta_s(self, running: int) -> float | None:
+        """Seconds left: the cost of the jobs left (in base-jobs) x the seconds a base-job took so far,
+        `concurrency` at a time. None before the first job is done."""
+        if not self.walls:
+            return None
+        at_once = self.concurrency or max(1, running)       # autoscaling, no cap: as many as run now
+        todo = self._todo()
+        if todo:
+            per_cost = sum(self.walls) / sum(self.costs)
+            left = sum(relative_cost(j) for j in todo if j.get("job_key") not in self.ended)
+            return per_cost * left / at_once
+        left = self.total - self.done - self.failed         # no plan to weigh by: jobs left x their mean length
+        return sum(self.walls) / len(self.walls) * left / at_once
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._show(trials)
@@ -77,10 +129,8 @@ class SweepProgress(tune.Callback):
     def line(self, trials, ending=None) -> str:
         running = [t for t in trials if t.status == "RUNNING" and t is not ending]   # ending: still RUNNING in Tune
         left = self.total - self.done - self.failed
-        eta = ""
-        if self.walls and left > 0:                    # jobs left x their mean length, `concurrency` at a time
-            at_once = self.concurrency or max(1, len(running))     # autoscaling, no cap: as many as run now
-            eta = f", ETA {hms(sum(self.walls) / len(self.walls) * left / at_once)}"
+        eta_s = self.eta_s(len(running)) if left > 0 else None
+        eta = f", ETA {hms(eta_s)}" if eta_s is not None else ""
         where = f"; dashboard {self.dashboard}" if self.dashboard else ""
         return f"{self.done}/{self.total} jobs done, {len(running)} running, {self.failed} failed{eta}{where}", running
 
@@ -98,7 +148,8 @@ class SweepProgress(tune.Callback):
                                 bar_format="[sweep] {bar} {n_fmt}/{total_fmt} {postfix}")
             self.bar.n = self.done + self.failed
             self.bar.set_postfix_str(text.split(" jobs done, ", 1)[1], refresh=True)
-        else:
+        elif text != self.printed:                     # a log: a line only when it says something new
+            self.printed = text
             print(f"[sweep] {text}", flush=True)
 
 
@@ -134,30 +185,63 @@ class LiveReport(tune.Callback):
 
 class MLflowJobs(tune.Callback):
     """One MLflow run per job, named after its key: params (its settings), per-epoch metrics (step =
-    epoch), the final row's metrics; FINISHED, or FAILED with the reason. A retried trial keeps its run."""
+    epoch), the final row's metrics; FINISHED, or FAILED with the reason. A retried trial keeps its run.
 
-    def __init__(self, tracking_uri: str, experiment: str):
-        self.tracking_uri, self.experiment = tracking_uri, experiment
+    Tracking is never worth the sweep: a call that fails (a server down, an error it returns) logs one
+    warning per kind of call and the sweep goes on; after a failure MLflow is left alone for `pause_s`
+    (a server that is down would cost each call its retries). Those retries are capped here unless the
+    environment sets them (MLFLOW_HTTP_REQUEST_MAX_RETRIES 2, _BACKOFF_FACTOR 1, _TIMEOUT 20 s)."""
+
+    HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+    def __init__(self, tracking_uri: str, experiment: str, pause_s: float = 60.0):
+        self.tracking_uri, self.experiment, self.pause_s = tracking_uri, experiment, pause_s
         self.client, self.experiment_id, self.runs = None, None, {}
+        self.warned, self.quiet_until = set(), 0.0
 
     def __getstate__(self):
         return {**self.__dict__, "client": None}
 
-    def _setup(self):
+    def _call(self, kind: str, fn, *args, **kwargs):
+        """fn(*args, **kwargs), or None when MLflow fails (one warning per kind) or is paused after a failure."""
+        if time.time() < self.quiet_until:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:                         # MLflow's errors, connection errors, anything: not the sweep's
+            self.quiet_until = time.time() + self.pause_s
+            if kind not in self.warned:
+                self.warned.add(kind)
+                log.warning("MLflow at %s: %s failed (%s: %s); the sweep goes on, MLflow is skipped for %.0f s "
+                            "after each failure (this warning once per kind of call)", self.tracking_uri, kind,
+                            type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "", self.pause_s)
+            return None
+
+    def _setup(self) -> bool:
         if self.client is None:
+            import os
+
+            for k, v in self.HTTP_DEFAULTS.items():
+                os.environ.setdefault(k, v)
             from mlflow.tracking import MlflowClient
 
-            self.client = MlflowClient(self.tracking_uri)
-            exp = self.client.get_experiment_by_name(self.experiment)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+            client = self._call("connect", MlflowClient, self.tracking_uri)
+            exp = client and self._call("get_experiment", lambda: client.get_experiment_by_name(self.experiment)
+                                        or client.get_experiment(client.create_experiment(self.experiment)))
+            if exp is None:
+                return False
+            self.client, self.experiment_id = client, exp.experiment_id
+        return True
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._setup()
-        if trial.trial_id in self.runs:
+        if trial.trial_id in self.runs or not self._setup():
             return
         config, spec = trial.config, trial.config.get("spec", {})
-        run = self.client.create_run(self.experiment_id, run_name=config["job_key"],
-                                     tags={"raytransfer.job_key": config["job_key"], "raytransfer.tune_trial": trial.trial_id})
+        run = self._call("create_run", self.client.create_run, self.experiment_id, run_name=config["job_key"],
+                         tags={"raytransfer.job_key": config["job_key"], "raytransfer.tune_trial": trial.trial_id})
+        if run is None:
+            return
         recipe = spec.get("recipe", {})
         params = {"job_key": config["job_key"], "treatment": spec.get("treatment"), "n": spec.get("n"),
                   "split": config.get("split"), "target_half": config.get("target"), "seed": spec.get("seed"),
@@ -165,17 +249,17 @@ class MLflowJobs(tune.Callback):
                   "host": config.get("host"), "gpus_per_trial": config.get("gpus_per_trial"),
                   "workers_per_trial": config.get("workers_per_trial"), "base_jobs": ",".join(config.get("base_uris", {}))}
         for k, v in params.items():
-            self.client.log_param(run.info.run_id, k, "" if v is None else v)
+            self._call("log_param", self.client.log_param, run.info.run_id, k, "" if v is None else v)
         self.runs[trial.trial_id] = run.info.run_id
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run = self.runs.get(trial.trial_id)
         if run is None or result.get("final"):
             return
-        step = int(result.get("epoch", 0))
+        step = int(result.get("step", result.get("epoch", 0)))    # records by evaluation: several in one epoch
         for k in EPOCH_METRICS:
             if isinstance(result.get(k), (int, float)):
-                self.client.log_metric(run, k, float(result[k]), step=step)
+                self._call("log_metric", self.client.log_metric, run, k, float(result[k]), step=step)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run = self.runs.get(trial.trial_id)
@@ -184,15 +268,16 @@ class MLflowJobs(tune.Callback):
         last = trial.last_result or {}
         for k in FINAL_METRICS:
             if isinstance(last.get(k), (int, float)):
-                self.client.log_metric(run, k, float(last[k]))
+                self._call("log_metric", self.client.log_metric, run, k, float(last[k]))
         if last.get("failed"):
-            self.client.set_tag(run, "raytransfer.failure_reason", str(last.get("failure_reason"))[:5000])
-        self.client.set_terminated(run, "FAILED" if last.get("failed") else "FINISHED")
+            self._call("set_tag", self.client.set_tag, run, "raytransfer.failure_reason",
+                       str(last.get("failure_reason"))[:5000])
+        self._call("set_terminated", self.client.set_terminated, run, "FAILED" if last.get("failed") else "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run = self.runs.get(trial.trial_id)
         if run is not None:
-            self.client.set_terminated(run, "FAILED")
+            self._call("set_terminated", self.client.set_terminated, run, "FAILED")
 
 
 def keep_tensorboard(fs, trial_dir: str, storage: str, job_key: str) -> int:

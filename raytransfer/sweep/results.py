@@ -5,7 +5,9 @@ jobs). A failed job (e.g. its frozen layers changed) is a row with status "faile
 never "done": the analysis reads only done rows. The analysis package reads only these files.
 `split` is the split's label ("similar-s0", "dissimilar", or a --split-file's name), `layer` the
 name of layer n in the arch's table, the last one copied (the report's axis labels); `k` the images per
-class of a reduced_k job (0: all) and `images_per_class` the training images per class a job had.
+class of a reduced_k job (0: all) and `images_per_class` the training images per class a job had; `recipe_set` the fields a sweep's --set (or --arch,
+--until-plateau) changed in the built-in recipe, FIELD=VALUE;... ('' for none: the setting the report groups by);
+`input` the input path the job read and `input_wait_share` the share of its training time it waited on input.
 
     table = write_results(out_dir, jobs, store.completed())
     write_diagnostics(out_dir, diagnostic_jobs, store.completed(), table)
@@ -22,24 +24,26 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..recipes import describe_changes
+
 COLUMNS = ["job_key", "dataset", "split_kind", "split_seed", "split", "split_sha256", "seed", "treatment",
-           "source_half", "target_half", "n", "k", "layer", "arch", "recipe", "top1_final", "top1_best10", "top5_final",
+           "source_half", "target_half", "n", "k", "layer", "arch", "recipe", "recipe_set", "top1_final", "top1_best10", "top5_final",
            "plateau_rise", "converged", "epochs", "images_per_class", "train_images_per_s", "wall_s", "frozen_check",
            "base_job_key", "status", "reason", "host", "node_id", "gpus_held", "device", "attempts", "base_weights_via",
-           "checkpoint_bytes", "started_at", "finished_at"]
-CURVE_COLUMNS = ["job_key", "epoch", "train_loss", "val_top1", "val_top5", "lr", "images_per_s"]
+           "checkpoint_bytes", "input", "input_wait_share", "started_at", "finished_at"]
+CURVE_COLUMNS = ["job_key", "epoch", "step", "train_loss", "val_top1", "val_top5", "lr", "images_per_s", "input_wait_s"]
 
 
 def result_row(job, record: dict | None, status: str = "done") -> dict:
     row = {c: None for c in COLUMNS} | job.row()
     recipe = job.spec["recipe"]
-    row.update(arch=recipe["arch"], recipe=recipe["name"], status="to run")
+    row.update(arch=recipe["arch"], recipe=recipe["name"], recipe_set=describe_changes(recipe), status="to run")
     if record:
         m = record.get("metrics") or {}
         row.update({k: m.get(k) for k in ("top1_final", "top1_best10", "top5_final", "plateau_rise", "converged",
                                           "epochs", "images_per_class",
                                           "train_images_per_s", "wall_s", "frozen_check", "checkpoint_bytes",
-                                          "device")})
+                                          "device", "input", "input_wait_share")})
         row.update({k: record.get(k) for k in ("dataset", "host", "node_id", "gpus_held", "attempts",
                                                "base_weights_via", "started_at", "finished_at", "reason")})
         row["status"] = status

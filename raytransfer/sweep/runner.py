@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..models import ARCHITECTURES
-from ..recipes import Recipe, get_recipe
+from ..recipes import Recipe, get_recipe, parse_overrides, reduced_recipe
 from ..synthetic import SyntheticSpec
 from .errors import SweepError
 from .monitor import LiveReport, MLflowJobs
@@ -90,6 +90,10 @@ def add_sweep_args(p: argparse.ArgumentParser):
                         "similarity of baseA vs baseB and of each transfer vs its base; probe: linear probes on baseA's "
                         "layers; estimators: H-score, LogME, LEEP of baseA's layers on half B")
     p.add_argument("--scale", default="demo", help=f"one of {', '.join(SCALES)} (recipe and built-in data size)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", dest="set",
+                   help="override one field of every recipe the sweep runs (the reduced-volume solver too), e.g. "
+                        "--set iterations=300 --set width=0.125; repeatable; `raytransfer recipes` lists the fields. "
+                        "An override is part of each job's key and its results row (column recipe_set)")
     p.add_argument("--until-plateau", type=int, metavar="MAX_EPOCHS",
                    help="train every net until its validation top-1 plateaus (then the rate x gamma, again, as many "
                         "times as the recipe has milestones) instead of the recipe's fixed schedule, at most "
@@ -105,7 +109,9 @@ def add_sweep_args(p: argparse.ArgumentParser):
                    help="GPUs per worker, fractions allowed for small nets (default: 1 if the cluster has or can "
                         "launch GPU nodes, else 0)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train DDP workers per trial")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per worker (FFCV loader threads)")
+    p.add_argument("--cpus-per-trial", type=float, default=None,
+                   help="CPUs per worker (loader threads; default: from the node: a GPU worker gets its GPU node "
+                        "type's CPUs per GPU, e.g. 12 on a g5.12xlarge; a CPU worker 1)")
     p.add_argument("--host", choices=["auto", "process", "train"], default="auto",
                    help="run the loop in the trial's process or under Ray Train (auto: train for more than one worker)")
     p.add_argument("--max-failures", type=int, default=2,
@@ -237,7 +243,7 @@ def check_resolution(dataset: Dataset, recipe: Recipe) -> str | None:
     """The recipe's image side against the dataset's stored one: one error where the loader would have to
     enlarge images past the crop, a note where it resizes them (once, into memory, or on the fly), None where
     they agree."""
-    from ..loaders import CropSpec, crop_window, memory_side
+    from ..loaders import STORE_INPUTS, CropSpec, crop_window, store_side
     from ..prepare import read_manifest
 
     manifest = read_manifest(dataset.data_dir)
@@ -251,15 +257,36 @@ def check_resolution(dataset: Dataset, recipe: Recipe) -> str | None:
                          f"crops from {want} px images and never enlarges a stored image past its crop: prepare "
                          f"the dataset at {want} px, `{command}`, and rerun with that --data")
     crop = CropSpec(recipe.crop, recipe.crop_size, want)
-    side = memory_side(manifest, crop, recipe.input, recipe.normalize)
+    side = store_side(stored, crop, recipe.normalize) if recipe.input in STORE_INPUTS else None
     if side is not None and side != stored:
         return (f"{dataset.data_dir} holds {stored} px images; recipe {recipe.name} cuts {recipe.crop_size} px crops "
-                f"from {want} px images, so each one-worker trial shrinks the images to {side} px once, as it "
-                f"loads them into memory")
+                f"from {want} px images, so each node shrinks the images to {side} px once, as it loads them into "
+                f"memory (its pixel store)")
     window = crop_window(stored, crop)
     return (f"{dataset.data_dir} holds {stored} px images; recipe {recipe.name} cuts {recipe.crop_size} px crops from "
             f"{want} px images, so the loader resizes each crop on the fly ({window} px of the stored image to "
             f"{recipe.crop_size} px). To load faster, store them at {want} px: `{command}`")
+
+
+def check_batches(networks: list[Job], dataset: Dataset, workers: int = 1) -> str | None:
+    """The error to stop on where a job's half (or its first k images a class) holds fewer training images than
+    one batch: its loader would drop that partial batch and the net would never take a step (None: none does)."""
+    from ..prepare import read_manifest
+
+    manifest = read_manifest(dataset.data_dir)
+    per_class = dict(zip((c["id"] for c in manifest["classes"]), manifest["counts"]["train"]["per_class"]))
+    short = []
+    for job in networks:
+        k, batch = job.spec.get("k") or 0, int(job.spec["recipe"]["batch_size"])
+        images = sum(min(k, per_class[c]) if k else per_class[c] for c in job.spec["target_classes"])
+        if images < batch or images // workers < batch // workers:
+            short.append((images, batch, job.key))
+    if not short:
+        return None
+    images, batch, key = min(short)
+    return (f"{len(short)} jobs train on fewer images than one batch, e.g. {key}: {images} training images at batch "
+            f"{batch}, so it would never take a step; give a smaller batch (--set batch_size="
+            f"{max(1, images // max(1, workers))} or less) or more images a class (a larger --reduced-k, more data)")
 
 
 def drop_dissimilar_without_superclasses(grid: dict, dataset: Dataset) -> tuple[dict, str | None]:
@@ -306,9 +333,11 @@ def main(grid: dict, argv=None, name: str = "sweep", split_treatments: dict | No
     add_sweep_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from ..cli import user_errors
+
     try:
         return run(grid, args, name, split_treatments)
-    except (SweepError, ValueError) as e:
+    except user_errors() as e:           # the user's input (SweepError, DatasetError, ...): one line; a bug: its traceback
         print(f"{name}.py: error: {e}", file=sys.stderr)
         return 2
 
@@ -321,8 +350,9 @@ def run(grid: dict, args, name: str, split_treatments: dict | None = None) -> in
     if args.until_plateau is not None and args.until_plateau < 1:
         raise SweepError(f"--until-plateau {args.until_plateau}: give the most epochs a net may train, a positive "
                          "number (e.g. --until-plateau 90)")
-    recipe = get_recipe(scale.recipe, **({"arch": args.arch} if args.arch else {}),
-                        **({"schedule": "plateau", "until_plateau": args.until_plateau} if args.until_plateau else {}))
+    recipe = get_recipe(scale.recipe, **{**parse_overrides(args.set), **({"arch": args.arch} if args.arch else {}),
+                        **({"schedule": "plateau", "until_plateau": args.until_plateau} if args.until_plateau else {})})
+    reduced_recipe(recipe).check()                  # an override must suit the reduced-volume solver too
     from ray import tune
     if "split_seed" not in grid:                    # the paper's 4 random splits at paper scale, one at demo scale
         grid = {**grid, "split_seed": tune.grid_search(list(scale.split_seeds))}
@@ -335,7 +365,7 @@ def run(grid: dict, args, name: str, split_treatments: dict | None = None) -> in
     storage = args.storage or str(out)
     if "://" not in storage:
         storage = os.path.abspath(os.path.expanduser(storage))
-    if (args.gpus_per_trial or 0) < 0 or args.workers_per_trial < 1 or args.cpus_per_trial <= 0:
+    if (args.gpus_per_trial or 0) < 0 or args.workers_per_trial < 1 or (args.cpus_per_trial or 1) <= 0:
         raise SweepError("--gpus-per-trial must be >= 0, --workers-per-trial >= 1 and --cpus-per-trial > 0")
     if args.checkpoint_minutes < 0 or args.max_failures < 0 or (args.max_concurrent is not None and args.max_concurrent < 1):
         raise SweepError("--checkpoint-minutes and --max-failures must be >= 0, --max-concurrent >= 1")
@@ -353,13 +383,17 @@ def run(grid: dict, args, name: str, split_treatments: dict | None = None) -> in
     jobs, splits = build_jobs(axes, dataset, recipe, reduced_k_of(args, scale))
     jobs += build_diagnostic_jobs(jobs, diagnostic_kinds(args, scale), scale.diagnostic_settings)
     networks = [j for j in jobs if not j.is_diagnostic]         # the results table's rows
+    short = check_batches(networks, dataset, args.workers_per_trial)
+    if short and not args.dry_run:                 # a dry run lists the jobs anyway, and says so below
+        raise SweepError(short)
+    notes.append(short and f"{short} (--dry-run: listed anyway; a sweep would stop here)")
     for note in filter(None, notes):
         print(f"[sweep] note: {note}", flush=True)
     done = {k: r for k, r in store.completed().items()}
     if args.dry_run:
         print_job_table(jobs, done)
         from .estimate import print_estimate
-        print_estimate(jobs, done, recipe, dataset)
+        print_estimate(jobs, done, recipe, dataset, args.cpus_per_trial)
         return 0
     out.mkdir(parents=True, exist_ok=True)
     for label, split in splits.items():
@@ -451,7 +485,7 @@ def summary_block(jobs, done_before: dict, records: dict, failed: dict, wall_s: 
 
 
 INVOCATION = "raytransfer-invocation.json"
-RESUME_FLAGS = ("scale", "arch", "data", "splits", "split_file", "seeds", "train_seeds", "n", "treatments", "directions",
+RESUME_FLAGS = ("scale", "set", "arch", "data", "splits", "split_file", "seeds", "train_seeds", "n", "treatments", "directions",
                 "reduced_k", "diagnostics", "until_plateau",
                 "gpus_per_trial",
                 "workers_per_trial", "cpus_per_trial", "host", "max_failures", "checkpoint_minutes", "max_concurrent")

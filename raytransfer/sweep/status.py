@@ -15,17 +15,28 @@ import json
 import time
 from collections import defaultdict
 
+from analysis.results import input_wait_by_treatment
+
+from .errors import SweepError
 from .jobs import is_diagnostic
 from .store import JobStore
 
 STALE_S = 120            # the driver beats every 30 s: older than this, it is not running (or cannot write)
 
 
-def job_hours(record: dict, now: float | None = None) -> tuple[float, float]:
-    """(GPU-hours, hours) of one job's training: from its start to its end (or now, while it runs)."""
+def job_hours(record: dict, now: float | None = None, attempts: list | None = None) -> tuple[float, float]:
+    """(GPU-hours, hours) of one job over every attempt: the last from its start to its end (or now, while
+    it runs), each earlier one (a retry, a resume after a dead driver) until the next began -- when an
+    attempt ended is not recorded, so this is an upper bound by the restart's delay. The starts come from
+    the record's `attempt_starts`, else from `attempts` (the store's attempts of the job)."""
     start = record.get("started_at") or 0.0
     end = record.get("finished_at") or now or start
-    hours = max(0.0, end - start) / 3600
+    seconds = max(0.0, end - start)
+    starts = record.get("attempt_starts") or [a.get("at") for a in attempts or []]
+    earlier = sorted(t for t in starts if t and t < start)     # the last attempt began at `start` (or just after)
+    for began, next_began in zip(earlier, earlier[1:] + [start]):
+        seconds += next_began - began
+    hours = seconds / 3600
     return hours * float(record.get("gpus_held") or 0.0), hours
 
 
@@ -34,7 +45,7 @@ def sweep_status(storage: str, now: float | None = None) -> dict:
     store = JobStore(storage)
     plan = store.read_sweep()
     if plan is None:
-        raise ValueError(f"{storage} holds no sweep (no jobstore/sweep.json): check the path; a sweep writes it "
+        raise SweepError(f"{storage} holds no sweep (no jobstore/sweep.json): check the path; a sweep writes it "
                          "when it starts")
     done, failed, attempts = store.completed(), store.failed(), store.all_attempts()
     beat = store.read_heartbeat() or {}
@@ -54,13 +65,14 @@ def sweep_status(storage: str, now: float | None = None) -> dict:
     spent_gpu = spent_h = 0.0
     per_kind = defaultdict(list)                      # GPU-hours (or hours, on CPU) of done jobs, by kind
     for k, r in {**failed, **done}.items():
-        g, h = job_hours(r)
+        g, h = job_hours(r, attempts=attempts.get(k))
         spent_gpu, spent_h = spent_gpu + g, spent_h + h
         if k in done:
             per_kind[_kind(r.get("config", {}).get("treatment", ""))].append(g or h)
     for k in running_keys - set(done) - set(failed):
         last = (attempts.get(k) or [{}])[-1]
-        g, h = job_hours({"started_at": last.get("at"), "gpus_held": plan.get("gpus_per_trial", 0)}, now)
+        g, h = job_hours({"started_at": last.get("at"), "gpus_held": plan.get("gpus_per_trial", 0)}, now,
+                         attempts=attempts.get(k))
         spent_gpu, spent_h = spent_gpu + g, spent_h + h
     left = 0.0
     everything = [x for xs in per_kind.values() for x in xs]
@@ -76,8 +88,13 @@ def sweep_status(storage: str, now: float | None = None) -> dict:
             deps = [d for d in jobs if j["job_key"] in (d.get("deps") or [d.get("base_job_key")])]   # diagnostics too
             bases.append({"job_key": j["job_key"], "status": status_of[j["job_key"]],
                           "dependents": len(deps), "dependents_done": sum(status_of[d["job_key"]] == "done" for d in deps)})
+    waits = input_wait_by_treatment(
+        {"treatment": r.get("config", {}).get("treatment", ""), **{k: (r.get("metrics") or {}).get(k)
+                                                                   for k in ("input", "input_wait_share", "wall_s")}}
+        for r in done.values())
     return {
         **totals, "jobs": len(jobs), "experiment": plan.get("experiment"), "storage": storage,
+        "input_wait": waits,
         "driver": ({"alive": live, "ended": bool(beat.get("ended")), "last_heartbeat_s_ago": round(now - beat["at"]),
                     "dashboard": beat.get("dashboard")}
                    if beat else {"alive": False, "ended": False, "last_heartbeat_s_ago": None, "dashboard": None}),
@@ -119,6 +136,10 @@ def format_status(st: dict) -> str:
                      f"{c.get('waiting', 0):>7}")
     lines += ["", "bases:"] + [f"  {b['job_key']}: {b['status']}; dependents done {b['dependents_done']}/"
                                f"{b['dependents']}" for b in st["bases"]]
+    if st.get("input_wait"):
+        lines += ["", "share of training time waiting on input (done jobs, weighed by wall time):"]
+        lines += [f"  {w['treatment']:<14} {w['input']:<12} {100 * w['input_wait_share']:5.1f} %  "
+                  f"({w['networks']} jobs)" for w in st["input_wait"]]
     if st["failed_jobs"]:
         lines += ["", "failed:"] + [f"  {f['job_key']}: {f['reason']}" for f in st["failed_jobs"]]
     return "\n".join(lines)

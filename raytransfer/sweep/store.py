@@ -11,19 +11,34 @@ has a record. A record is written only after its weights, so a record always poi
 
 A failed job's record lives apart from the done ones (`failed/`), so nothing that reads the done
 records can mistake it for a result; a later success removes it.
+
+A missing file is "no record". Any other failure to read one (an S3 or NFS hiccup, a permission, a JSON
+that does not parse: a write half visible on NFS) is retried READ_TRIES times with backoff, each retry
+logged, and then raises StoreReadError: a read never makes a finished job look undone, nor drops a
+record from `completed()`.
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import time
 
 import pyarrow.fs
 import torch
 
+from .errors import SweepError
+
 RECORDS, WEIGHTS, FAILED, ATTEMPTS = "jobs", "weights", "failed", "attempts"
 SWEEP, HEARTBEAT = "sweep.json", "heartbeat.json"
+READ_TRIES, READ_BACKOFF_S = 4, 0.5       # a failed read is tried again after 0.5, 1 and 2 s
+
+log = logging.getLogger("raytransfer.sweep")
+
+
+class StoreReadError(RuntimeError):
+    """A job-store file that exists could not be read (or parsed) after every retry."""
 
 
 def _split_uri(uri: str):
@@ -52,7 +67,7 @@ class JobStore:
                 f.write(b"ok")
             self.fs.delete_file(probe)
         except Exception as e:
-            raise ValueError(f"storage {self.storage} is not writable ({type(e).__name__}: {e}): "
+            raise SweepError(f"storage {self.storage} is not writable ({type(e).__name__}: {e}): "
                              "choose another --storage, or fix its permissions/credentials") from None
 
     def weights_uri(self, key: str) -> str:
@@ -71,7 +86,7 @@ class JobStore:
         return f"{self.root_uri}/{RECORDS}/{key}.json"
 
     def write(self, key: str, record: dict):
-        record = {**record, "job_key": key, "recorded_at": time.time()}
+        record = {**record, "job_key": key, "recorded_at": time.time(), **self._attempt_starts(key)}
         self.fs.create_dir(f"{self.root}/{RECORDS}", recursive=True)    # a trial must never fail on a missing folder
         self._atomic_write(f"{self.root}/{RECORDS}/{key}.json", json.dumps(record, default=str).encode())
         self._delete(f"{self.root}/{FAILED}/{key}.json")
@@ -80,9 +95,18 @@ class JobStore:
 
     def write_failed(self, key: str, record: dict):
         """A job that ran and must not count as done (e.g. its frozen layers changed); `reason` says why."""
-        record = {**record, "job_key": key, "status": "failed", "recorded_at": time.time()}
+        record = {**record, "job_key": key, "status": "failed", "recorded_at": time.time(), **self._attempt_starts(key)}
         self.fs.create_dir(f"{self.root}/{FAILED}", recursive=True)
         self._atomic_write(f"{self.root}/{FAILED}/{key}.json", json.dumps(record, default=str).encode())
+
+    def _attempt_starts(self, key: str) -> dict:
+        """{"attempt_starts": [when each attempt of `key` began]} for its record (GPU-hours count every
+        attempt); {} if the attempts cannot be read: the record itself must never be lost for it."""
+        try:
+            return {"attempt_starts": [a.get("at") for a in self.attempts(key) if a.get("at")]}
+        except StoreReadError as e:
+            log.warning("%s: its record is written without its attempts' start times (%s)", key, e)
+            return {}
 
     def failed(self) -> dict[str, dict]:
         return self._read_all(FAILED)
@@ -121,11 +145,24 @@ class JobStore:
         return self._read_json(f"{self.root}/{RECORDS}/{key}.json")
 
     def _read_json(self, path: str):
-        try:
-            with self.fs.open_input_stream(path) as f:
-                return json.loads(f.read())
-        except (FileNotFoundError, OSError, ValueError):
-            return None
+        """The parsed file, None if it does not exist; any other failure is retried, then StoreReadError."""
+        for attempt in range(1, READ_TRIES + 1):
+            try:
+                with self.fs.open_input_stream(path) as f:
+                    return json.loads(f.read())
+            except FileNotFoundError:
+                return None
+            except (OSError, ValueError) as e:          # ValueError: a JSON cut short (a write half visible)
+                error = f"{type(e).__name__}: {e}"
+                if attempt == READ_TRIES:
+                    break
+                log.warning("job store: reading %s failed (%s); try %d of %d in %.1f s", path, error, attempt + 1,
+                            READ_TRIES, READ_BACKOFF_S * 2 ** (attempt - 1))
+                time.sleep(READ_BACKOFF_S * 2 ** (attempt - 1))
+        raise StoreReadError(f"cannot read {path} in the job store at {self.storage} ({error}; tried {READ_TRIES} "
+                             "times): check the storage's permissions, credentials and network, then rerun the "
+                             "same command (nothing recorded is lost); if the file itself is damaged, move it "
+                             "aside (its job is then trained again)")
 
     def _read_all(self, folder: str) -> dict[str, dict]:
         out = {}

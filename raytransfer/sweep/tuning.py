@@ -38,7 +38,8 @@ NAMESPACE = "raytransfer"
 
 
 def run_job(config: dict):
-    """The Tune trainable: one job. Reports every epoch; the last report carries `weights_uri`, or
+    """The Tune trainable: one job. Reports at each of the loop's records (every epoch, or every evaluation
+    where the recipe evaluates by iterations); the last report carries `weights_uri`, or
     `failure_reason` when the job cannot count as done (then no retry: it would fail the same way)."""
     from ..hosts import TrialSetupError, node_id, run_in_tune_process
 
@@ -422,11 +423,13 @@ def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, ar
         types = cluster_node_types()
         plan = plan_trials(types, args.gpus_per_trial, args.workers_per_trial, args.cpus_per_trial, args.host,
                            args.max_concurrent)
+        args.cpus_per_trial = plan.cpus_per_worker        # None asked: from the node types (capacity.py)
         check_storage(storage, args)
         get_or_create_registry(registry)
         todo = [j for j in jobs if j.key not in done]
         where = ", ".join(plan.fitting)
         size = f"{plan.gpus_per_worker:g} GPU + {args.cpus_per_trial:g} CPU" + \
+            (f" ({plan.cpus_from})" if plan.cpus_from != "asked" and plan.gpus_per_worker else "") + \
             (f" x {args.workers_per_trial} workers" if args.workers_per_trial > 1 else "")
         at_once = f"up to {plan.concurrency} at once" if plan.concurrency else "as many at once as the autoscaler launches"
         print(f"[sweep] {len(jobs)} jobs, {len(jobs) - len(todo)} done, {len(todo)} to run; host={plan.host}, "
