@@ -250,7 +250,7 @@ def fig_layer_effects(rows: pd.DataFrame, n_boot: int = 2000, confidence: float 
     fig.add_hline(y=0, line=dict(color="#999999", width=1, dash="dash"))
     fig.update_layout(
         title=f"4 · Per layer: what transfer loses and gains ({100 * confidence:.0f}% CI, t × bootstrap SE over "
-              "(split, seed) units; N = networks; no bar = one unit)",
+              "(split, seed, target half) units; N = networks; no bar = one unit)",
         xaxis=layer_axis(rows), yaxis_title="top-1 difference (0.01 = 1 point)", template="plotly_white", height=520)
     return fig
 
