@@ -24,8 +24,10 @@ from plotly.offline import get_plotlyjs
 from analysis import figures
 from analysis.diagnostics import bases_share_init, diagnostic_figures, diagnostics_html, load_diagnostics
 from analysis.findings import convergence_summary, science_check
+from analysis.similarity import has_graded_levels, similarity_figures, similarity_html, similarity_summary
 from analysis.results import (BASE_TREATMENTS, METRIC, REDUCED, SETTING_COLUMNS, SPLIT_KINDS, TREATMENTS,
-                              input_wait_by_treatment, load_curves, load_rows, settings, split_label, with_base)
+                              input_wait_by_treatment, layer_ticks, load_curves, load_rows, settings, split_label,
+                              with_base)
 from analysis.stats import table1
 from raytransfer.convergence import PLATEAU_RULE
 
@@ -200,6 +202,13 @@ def build_report_from_rows(rows: pd.DataFrame, curves: pd.DataFrame, out_dir: Pa
         for name, fig in diag_figs.items():
             atomic_write(out_dir / f"{name}.html", lambda p: fig.write_html(p, include_plotlyjs=True, config=PLOT_CONFIG))
         section = diagnostics_html(diag_figs, diag, tau, _div, shared_init=bases_share_init(rows))
+    if has_graded_levels(rows):                    # a sweep over graded splits: the similarity surface
+        summary = similarity_summary(rows, diag)
+        atomic_write(out_dir / "similarity.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+        sim_figs = similarity_figures(summary, layer_ticks(rows))
+        for name, fig in sim_figs.items():
+            atomic_write(out_dir / f"{name}.html", lambda p: fig.write_html(p, include_plotlyjs=True, config=PLOT_CONFIG))
+        section += similarity_html(sim_figs, summary, _div)
     notes += missing_notes(rows, curves) + [export_static(figs, out_dir)]
 
     page = render_page(figs, check, rows, notes, source, progress, convergence, section)

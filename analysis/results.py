@@ -25,12 +25,13 @@ TRANSFER_TREATMENTS = ("BnB", "BnB+", "AnB", "AnB+", "random_frozen", "scratch")
 REDUCED = "reduced_k"  # all classes, the first k training images of each (reduced solver): its own figure
 SWEEP_RECIPE_OF = {reduced: recipe for recipe, reduced in REDUCED_RECIPE.items()}   # paper_reduced -> paper
 TREATMENTS = BASE_TREATMENTS + TRANSFER_TREATMENTS + (REDUCED,)
-SPLIT_KINDS = ("similar", "dissimilar", "file", "whole")  # file: the user's own halves; whole: all classes
+SPLIT_KINDS = ("similar", "dissimilar", "graded", "file", "whole")  # graded: between the two; file: the user's own
+# halves; whole: all classes
 REQUIRED_COLUMNS = ("job_key", "split_kind", "split_seed", "seed", "treatment", "target_half", "n", METRIC)
 TEXT_COLUMNS = ("job_key", "dataset", "split_kind", "split", "treatment", "source_half", "target_half",
                 "layer", "arch", "recipe", "recipe_set", "base_job_key", "status", "input")
-NUMBER_COLUMNS = ("top1_final", "top5_final", "plateau_rise", "epochs", "train_images_per_s", "wall_s", "k",
-                  "images_per_class", "input_wait_share")
+NUMBER_COLUMNS = ("split_level", "top1_final", "top5_final", "plateau_rise", "epochs", "train_images_per_s", "wall_s",
+                  "k", "images_per_class", "input_wait_share")
 # A setting is one sweep's way of training: a base is only compared within one, and a report shows one.
 # `sweep_recipe` is the recipe of the sweep a row belongs to: its own, but the reduced-volume nets' solver
 # (paper_reduced) counts as the recipe whose reduced solver it is (paper); `recipe_set` its --set overrides.

@@ -15,6 +15,7 @@ the final weights (the summary is also the per-worker function's return value).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from pathlib import Path
@@ -108,12 +109,48 @@ def training_device(held: float) -> torch.device:
         "resource)")
 
 
+def check_train_worker_device() -> str:
+    """On each Ray Train worker before its process group starts: "cuda" where it holds GPUs and CUDA works,
+    else "cpu". It never raises (an error there would leave Train's worker group reserved): a worker
+    holding GPUs without CUDA off a test cluster fails in the loop instead (training_device), as one
+    TrialSetupError, where Train cleans up."""
+    return "cuda" if gpus_held() > 0 and torch.cuda.is_available() else "cpu"
+
+
+def device_checked_torch_config():
+    """Ray Train's TorchConfig, with the backend chosen from the workers' devices: Ray picks NCCL for any
+    worker that holds a GPU and moves the model to CUDA, which on a test cluster's fake GPUs fails
+    ("ProcessGroupNCCL is only supported with GPUs"); here every worker first checks its device
+    (`check_train_worker_device`) and a group with any worker on the CPU gets gloo (a test cluster's; on
+    a real cluster the loop then fails those workers with the reason). Subclasses Ray's private
+    `_TorchBackend` (ray 2.60): the only hook that runs on the workers before the process group."""
+    import dataclasses
+
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class DeviceCheckedBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            devices = set(worker_group.execute(check_train_worker_device))
+            if "cpu" in devices and backend_config.backend in (None, "nccl"):    # Ray sets nccl for use_gpu
+                backend_config = dataclasses.replace(backend_config, backend="gloo")
+            super().on_start(worker_group, backend_config)
+
+    @dataclasses.dataclass
+    class DeviceCheckedTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return DeviceCheckedBackend
+
+    return DeviceCheckedTorchConfig()
+
+
 def ensure_dataset(spec: dict):
     """The dataset the spec names, on this node: the built-in synthetic one is prepared here when this
     node lacks it (deterministic from its spec); any dataset must carry the spec's fingerprint."""
     import fcntl
 
-    from .prepare import DatasetError, prepare, read_manifest
+    from .prepare import prepare, read_manifest
 
     data_dir = Path(spec["data_dir"])
     manifest = read_manifest(data_dir, missing_ok=True)
@@ -124,20 +161,33 @@ def ensure_dataset(spec: dict):
             fcntl.flock(lock, fcntl.LOCK_EX)
             log.info("preparing the built-in dataset on node %s: %s", node_id(), data_dir)
             manifest = prepare("synthetic", None, data_dir, resolution=None, synthetic=SyntheticSpec(**spec["synthetic"]))
+    problem = dataset_problem(spec, manifest)
+    if problem:
+        raise TrialSetupError(f"node {node_id()} {problem}")
+
+
+def dataset_problem(spec: dict, manifest: dict | None = None) -> str | None:
+    """What is wrong with the spec's dataset on this node, worded to follow "node <id> " (None: nothing):
+    no prepared dataset at its path, another dataset there (fingerprint), betons missing or cut short.
+    Cheap (a manifest and two stats): the sweep probes every node with it before anything trains."""
+    from .prepare import DatasetError, read_manifest, verify_betons
+
+    data_dir = Path(spec["data_dir"])
+    if manifest is None:
+        manifest = read_manifest(data_dir, missing_ok=True)
     want = spec.get("dataset_fingerprint")
     if manifest is None:
-        raise TrialSetupError(f"node {node_id()} has no prepared dataset at {data_dir}: stage the betons at the "
-                              "same path on every node (docs/cluster.md: `aws s3 sync` in the setup commands), or "
-                              "point --data at a shared filesystem")
+        return (f"has no prepared dataset at {data_dir}: stage the betons at the same path on every node "
+                "(docs/cluster.md: `aws s3 sync` in the setup commands), or point --data at a shared filesystem")
     if want and manifest.get("fingerprint") != want:
-        raise TrialSetupError(f"node {node_id()} holds another dataset at {data_dir} (fingerprint "
-                              f"{str(manifest.get('fingerprint'))[:12]}, the job expects {want[:12]}): stage the "
-                              "same prepared betons on every node, or rerun the sweep against the dataset there")
+        return (f"holds another dataset at {data_dir} (fingerprint {str(manifest.get('fingerprint'))[:12]}, the "
+                f"job expects {want[:12]}): stage the same prepared betons on every node, or rerun the sweep "
+                "against the dataset there")
     try:
-        from .prepare import verify_betons
         verify_betons(data_dir, manifest)
     except DatasetError as e:
-        raise TrialSetupError(f"node {node_id()}: {e}") from None
+        return f"has a damaged copy: {e}"
+    return None
 
 
 class Checkpointer:
@@ -254,7 +304,8 @@ def train_fn_per_worker(config: dict):
                     checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    wrap = ray.train.torch.prepare_model if world > 1 else None
+    # prepare_model moves the model to Ray's device (CUDA for a worker holding a GPU): give it ours
+    wrap = functools.partial(ray.train.torch.prepare_model, move_to_device=device) if world > 1 else None
     summary = run_trial(spec, device, base_state, report, resume, distributed=world > 1, wrap_model=wrap,
                         num_workers=threads)
     total_gpus = held

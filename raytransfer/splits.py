@@ -3,7 +3,9 @@
 Kinds (paper §3): *similar* random halves (the paper's seeds 0-3 on ImageNet-1k, bit-exact),
 *dissimilar* man-made (A) vs natural (B) halves (the paper's exact lists on ImageNet-1k, the
 WordNet "artifact.n.01" rule for other wnid-named datasets, superclass tags for the synthetic
-dataset), and *file* (two text files of class ids or ImageNet indices).
+dataset), *graded* halves between the two (beyond the paper: half A takes a share `level` of its
+classes from the second family, so level 0 is the dissimilar split and 1/2 a random split balanced
+over the families), and *file* (two text files of class ids or ImageNet indices).
 
     classes = builtin_classes("imagenet-1k")
     split = similar_split("imagenet-1k", classes, seed=0); split.save("similar-s0.json")
@@ -33,7 +35,7 @@ from raytransfer.wordnet import WordNetUnavailable, load_wordnet
 
 log = logging.getLogger(__name__)
 
-KINDS = ("similar", "dissimilar", "file")
+KINDS = ("similar", "dissimilar", "graded", "file")
 RULES = ("paper-random", "paper-lists", "wordnet", "superclass", "file")
 DISSIMILAR_RULES = ("auto", "paper-lists", "wordnet", "superclass")
 BUILTIN_DATASETS = ("imagenet-1k",)
@@ -50,14 +52,15 @@ class SplitError(ValueError):
 class Split:
     """Two disjoint halves of a dataset's classes, identified by sha256 of their canonical JSON."""
     dataset: str
-    kind: str               # "similar" | "dissimilar" | "file"
-    seed: int | None        # the paper's numpy seed, for kind "similar"
+    kind: str               # "similar" | "dissimilar" | "graded" | "file"
+    seed: int | None        # the paper's numpy seed, for kind "similar"; the swap draw's, for "graded"
     rule: str               # "paper-random" | "paper-lists" | "wordnet" | "superclass" | "file"
     A: list[str]            # sorted class ids of half A
     B: list[str]
     A_name: str = "A"       # e.g. "man-made"
     B_name: str = "B"       # e.g. "natural"
     sha256: str = ""
+    level: float | None = None   # kind "graded": the share of A's classes taken from the second family
 
     def __post_init__(self):
         self.A, self.B = sorted(self.A), sorted(self.B)
@@ -65,8 +68,12 @@ class Split:
             self.sha256 = self.content_sha256()
 
     def content(self) -> dict:
+        """What the hash covers. `level` only where it is set, so that the splits made before graded
+        splits existed keep their hashes, and with them their jobs' keys."""
         d = dataclasses.asdict(self)
         d.pop("sha256")
+        if d["level"] is None:
+            d.pop("level")
         return d
 
     def content_sha256(self) -> str:
@@ -74,7 +81,7 @@ class Split:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1) + "\n"
+        return json.dumps({**self.content(), "sha256": self.sha256}, indent=1) + "\n"
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -91,10 +98,10 @@ class Split:
         except (OSError, json.JSONDecodeError) as e:
             raise SplitError(f"cannot read split file {path}: {e}") from e
         fields = [f.name for f in dataclasses.fields(cls)]
-        if not isinstance(d, dict) or sorted(d) != sorted(fields):
+        if not isinstance(d, dict) or sorted(set(d) | {"level"}) != sorted(fields):
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
-            raise SplitError(f"split file {path} has keys {got}; expected {sorted(fields)}. "
-                             "Make it with `raytransfer split`.")
+            raise SplitError(f"split file {path} has keys {got}; expected {sorted(fields)} (level only for "
+                             "kind graded). Make it with `raytransfer split`.")
         try:
             split = cls(**{**d, "sha256": ""})
         except TypeError as e:
@@ -215,6 +222,81 @@ def dissimilar_split(dataset_name: str, classes: Sequence[dict], superclass_orde
     split = Split(dataset_name, "dissimilar", None, rule, A=a, B=b, A_name=names[0], B_name=names[1])
     validate_split(split, classes)
     return split
+
+
+def graded_split(dataset_name: str, classes: Sequence[dict], level, seed: int,
+                 superclass_order: Sequence[str] | None = None, rule: str = "auto", wordnet=None) -> Split:
+    """Halves between dissimilar and similar: A is the first family (man-made) with a share `level`
+    of its classes swapped for classes of the second (natural), B the rest.
+
+    Level 0 returns the dissimilar split itself (kind "dissimilar"); 1/2 with equal families a random split balanced over them. The
+    swapped classes are the first k of a seeded permutation of each family (RandomState([seed]), as
+    the similar split seeds), so at one seed a higher level swaps the classes of every lower one and
+    more: the levels of one seed form one path from the dissimilar split outwards.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise SplitError(f"seed {seed!r} of a graded split must be an integer in 0..2**32-1")
+    try:
+        families = dissimilar_split(dataset_name, classes, superclass_order, rule, wordnet=wordnet)
+    except SplitError as e:
+        raise SplitError(f"a graded split mixes two superclass families, and {e}") from None
+    first, second = families.A, families.B
+    k = graded_swaps(level, len(first), len(second), families.A_name, families.B_name)
+    if k == 0:
+        return families        # level 0 is the dissimilar split itself: one hash, so its bases train once
+    rng = np.random.RandomState([int(seed)])
+    out_of_a = [first[i] for i in rng.permutation(len(first))[:k]]
+    into_a = [second[i] for i in rng.permutation(len(second))[:k]]
+    a = sorted(set(first) - set(out_of_a) | set(into_a))
+    b = sorted(set(second) - set(into_a) | set(out_of_a))
+    split = Split(dataset_name, "graded", int(seed), families.rule, A=a, B=b, A_name=families.A_name,
+                  B_name=families.B_name, level=k / len(first))
+    validate_split(split, classes)
+    return split
+
+
+def parse_level(text) -> float:
+    """A mixing level from '1/6', '0.5' or a number; one error naming the form otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    try:
+        if "/" in str(text):
+            num, den = str(text).split("/")
+            return int(num) / int(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise SplitError(f"graded level {text!r} is not a number: write it as a fraction such as 1/6 or a "
+                         "decimal such as 0.5") from None
+
+
+def exact_levels(first: int, second: int) -> list[str]:
+    """Every level the two family sizes make exact, as fractions k/first with k <= second."""
+    return [_fraction(k, first) for k in range(min(first, second) + 1)]
+
+
+def _fraction(k: int, total: int) -> str:
+    from math import gcd
+    g = gcd(k, total) or 1
+    return "0" if k == 0 else f"{k // g}/{total // g}"
+
+
+def graded_swaps(level, first: int, second: int, first_name: str = "A", second_name: str = "B") -> int:
+    """How many classes a level swaps between families of these sizes; one error for a level outside
+    [0, 1], one the sizes cannot make, or one that asks more classes than the second family has."""
+    p = parse_level(level)
+    if not 0 <= p <= 1:
+        raise SplitError(f"graded level {level} is outside [0, 1]: it is the share of half A's classes taken "
+                         "from the second family (0: the dissimilar split, 1/2: a balanced random split)")
+    k = round(p * first)
+    if abs(k - p * first) > 1e-9:
+        below, above = _fraction(int(p * first), first), _fraction(int(p * first) + 1, first)
+        raise SplitError(f"graded level {level} is not exact on families of {first} ({first_name}) and {second} "
+                         f"({second_name}) classes: {first} x {p:g} is not a whole number of classes. The "
+                         f"nearest exact levels are {below} and {above}")
+    if k > second:
+        raise SplitError(f"graded level {level} swaps {k} classes, but the second family ({second_name}) has "
+                         f"{second}: the highest level these families allow is {_fraction(second, first)}")
+    return k
 
 
 def _auto_rule(dataset_name: str, classes: Sequence[dict], superclass_order) -> str:
@@ -357,9 +439,14 @@ def add_split_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                                         "dataset directory containing manifest.json")
     parser.add_argument("--kind", choices=KINDS, required=True,
                         help="similar: random halves; dissimilar: man-made vs natural (or superclasses); "
+                             "graded: between the two, --level of A's classes from the second family; "
                              "file: halves from --a-file/--b-file")
+    parser.add_argument("--level", default=None,
+                        help="kind graded: the share of half A's classes swapped in from the second family, "
+                             "0 (dissimilar) .. 1/2 (balanced random); a fraction such as 1/6 or a decimal")
     parser.add_argument("--seed", type=int, default=None,
-                        help="numpy seed of a similar split (the paper's halves are seeds 0, 1, 2, 3)")
+                        help="numpy seed of a similar split (the paper's halves are seeds 0, 1, 2, 3) or of a "
+                             "graded split's swaps")
     parser.add_argument("--rule", choices=DISSIMILAR_RULES, default="auto",
                         help="dissimilar rule; auto = paper-lists on ImageNet-1k, superclass on tagged "
                              "datasets, wordnet on other wnid datasets")
@@ -373,12 +460,17 @@ def add_split_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def make_split(args: argparse.Namespace) -> tuple[Split, list[dict]]:
     """The Split that `raytransfer split` args describe, after checking flag combinations."""
+    level = getattr(args, "level", None)
     if args.kind == "similar" and args.seed is None:
         raise SplitError(f"--kind similar needs --seed S (the paper's halves are seeds {list(PAPER_SEEDS)})")
-    if args.kind != "similar" and args.seed is not None:
-        raise SplitError(f"--seed applies to --kind similar only, not {args.kind}; drop it")
-    if args.kind != "dissimilar" and args.rule != "auto":
-        raise SplitError(f"--rule applies to --kind dissimilar only, not {args.kind}; drop it")
+    if args.kind == "graded" and (args.seed is None or level is None):
+        raise SplitError("--kind graded needs --level P (such as 1/6) and --seed S (which classes are swapped)")
+    if args.kind not in ("similar", "graded") and args.seed is not None:
+        raise SplitError(f"--seed applies to --kind similar and graded only, not {args.kind}; drop it")
+    if args.kind != "graded" and level is not None:
+        raise SplitError(f"--level applies to --kind graded only, not {args.kind}; drop it")
+    if args.kind not in ("dissimilar", "graded") and args.rule != "auto":
+        raise SplitError(f"--rule applies to --kind dissimilar and graded only, not {args.kind}; drop it")
     if (args.kind == "file") != (args.a_file is not None and args.b_file is not None):
         raise SplitError("--kind file needs both --a-file and --b-file, and they apply to --kind file only")
     name, classes, superclass_order = load_classes(args.dataset)
@@ -387,6 +479,8 @@ def make_split(args: argparse.Namespace) -> tuple[Split, list[dict]]:
     if args.kind == "file":
         return file_split(name, classes, args.a_file, args.b_file), classes
     wordnet = load_wordnet([args.wordnet_dir]) if args.wordnet_dir else None
+    if args.kind == "graded":
+        return graded_split(name, classes, level, args.seed, superclass_order, args.rule, wordnet=wordnet), classes
     return dissimilar_split(name, classes, superclass_order, args.rule, wordnet=wordnet), classes
 
 
@@ -403,6 +497,7 @@ def run_split(args: argparse.Namespace) -> int:
         return 2
     path = split.save(args.out)
     seed = f" seed {split.seed}" if split.seed is not None else ""
+    seed += f" level {_fraction(round(split.level * len(split.A)), len(split.A))}" if split.level is not None else ""
     print(f"{split.kind} split of {split.dataset} ({split.rule}{seed}): "
           f"A {split.A_name} {len(split.A)} classes, B {split.B_name} {len(split.B)} classes")
     print(f"sha256 {split.sha256}")

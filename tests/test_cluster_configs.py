@@ -62,6 +62,11 @@ def test_aws_config_shape():
     assert "InstanceMarketOptions" not in nodes[config["head_node_type"]]["node_config"]   # on-demand head
     gpu = nodes["gpu_worker"]
     assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 1
+    assert "InstanceMarketOptions" not in gpu["node_config"]                               # on-demand GPUs
+    spot = nodes["gpu_spot_worker"]                                                        # and spot ones beside
+    assert spot["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert spot["resources"] == gpu["resources"] and spot["min_workers"] == 0
+    assert {k: v for k, v in spot["node_config"].items() if k != "InstanceMarketOptions"} == gpu["node_config"]
     setup = " ".join(config["setup_commands"])
     assert all(lib in setup for lib in FFCV_SYSTEM_LIBS)
     assert "pip install -q -e /home/ray/raytransfer" in setup

@@ -1,5 +1,5 @@
 """Watching a long sweep: `raytransfer status` from the job store alone, the console, and -- in one
-real smoke sweep -- the live report, one MLflow run per job (a local file store), TensorBoard event
+real smoke sweep -- the live report, one MLflow run per job (a sqlite:/// tracking URI), TensorBoard event
 files kept per job, Tune's banner and the closing summary."""
 from __future__ import annotations
 
@@ -194,10 +194,10 @@ def test_mlflow_down_or_erring_warns_once_per_kind_and_the_sweep_goes_on(where, 
 def test_a_watched_smoke_sweep_live_report_mlflow_tensorboard_summary(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")           # MLflow 3 keeps the file store behind a flag
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)   # a database, as MLflow 3 recommends
 
-    out, tracking = tmp_path / "exp", f"file://{tmp_path / 'mlruns'}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MLFLOW_ALLOW_FILE_STORE": "true",
+    out, tracking = tmp_path / "exp", f"sqlite:///{tmp_path / 'mlflow.db'}"   # a server: test_mlflow.py
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
            "RAYTRANSFER_CACHE": tempfile.mkdtemp(prefix="rtc", dir="/tmp"),
            "RAYTRANSFER_RAY_TMP": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
     env.pop("RAY_ADDRESS", None)

@@ -239,3 +239,131 @@ def test_cli_bad_input_returns_2_with_one_message(tmp_path, capsys):
     assert run_split(split_args(tmp_path / "nowhere", tmp_path / "x.json", seed=0)) == 2
     assert "containing manifest.json" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+# -- graded splits: between dissimilar and similar ------------------------------------------------
+
+def two_families(size=12):
+    """Classes like the demo's built-in data: two superclass families of `size` classes each."""
+    return [{"index": i, "id": f"{fam}{k:02d}", "name": f"{fam} {k}", "superclass": fam}
+            for i, (fam, k) in enumerate([(f, k) for f in ("manmade", "natural") for k in range(size)])]
+
+
+def test_splits_made_before_graded_splits_keep_their_hashes(imagenet, tmp_path):
+    # the sha256 of these two splits before `level` existed: the jobs keyed by them keep their keys
+    assert similar_split("imagenet-1k", imagenet, 0).sha256 == \
+        "16fbae8f0b68ec92e0c81576235c62174e4e15357a186d356c8ddad75e5a43b3"
+    dissimilar = dissimilar_split("imagenet-1k", imagenet)
+    assert dissimilar.sha256 == "0890c6c6f0e32b34fa3371dfad91bdbc86f684f694b2f5bb8c61e42144af6b37"
+    path = dissimilar.save(tmp_path / "d.json")
+    assert "level" not in json.loads(path.read_text()) and Split.load(path) == dissimilar
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_graded_levels_swap_that_share_of_a_and_one_seed_walks_one_path(seed):
+    classes = two_families()
+    order = ["manmade", "natural"]
+    family = {c["id"]: c["superclass"] for c in classes}
+    made = {p: splits.graded_split("toy", classes, p, seed, order) for p in ("0", "1/6", "1/3", "1/2")}
+    assert made["0"] == dissimilar_split("toy", classes, order)             # level 0 is the dissimilar split
+    swapped = {}
+    for p, split in made.items():
+        k = round(splits.parse_level(p) * 12)
+        assert len(split.A) == len(split.B) == 12 and not set(split.A) & set(split.B)
+        assert sum(family[c] == "natural" for c in split.A) == k == sum(family[c] == "manmade" for c in split.B)
+        swapped[p] = {c for c in split.A if family[c] == "natural"}
+    assert swapped["0"] < swapped["1/6"] < swapped["1/3"] < swapped["1/2"]   # each level swaps the lower ones' too
+    assert made["1/3"].level == pytest.approx(1 / 3) and made["1/3"].kind == "graded"
+    assert len({s.sha256 for s in made.values()}) == 4
+    other = splits.graded_split("toy", classes, "1/3", seed + 1, order)
+    assert other.A != made["1/3"].A and other.sha256 != made["1/3"].sha256     # the seed picks the classes
+
+
+def test_graded_split_round_trips_through_its_file(tmp_path):
+    split = splits.graded_split("toy", two_families(), "1/6", 0, ["manmade", "natural"])
+    path = split.save(tmp_path / "g.json")
+    assert json.loads(path.read_text())["level"] == pytest.approx(1 / 6)
+    assert Split.load(path) == split
+
+
+@pytest.mark.parametrize("level,message", [
+    ("0.55", "not exact on families of 12 (manmade) and 12 (natural) classes: 12 x 0.55 is not a whole number of "
+             "classes. The nearest exact levels are 1/2 and 7/12"),
+    ("1.5", "graded level 1.5 is outside [0, 1]"),
+    ("half", "graded level 'half' is not a number: write it as a fraction such as 1/6"),
+    ("1/0", "is not a number"),
+])
+def test_a_bad_graded_level_is_one_error_naming_the_fix(level, message):
+    with pytest.raises(SplitError, match=re_escape(message)):
+        splits.graded_split("toy", two_families(), level, 0, ["manmade", "natural"])
+
+
+def re_escape(text):
+    import re
+    return re.escape(text)
+
+
+def test_graded_levels_on_imagenet_are_the_paper_families_own(imagenet):
+    split = splits.graded_split("imagenet-1k", imagenet, "200/551", 0)
+    paper = dissimilar_split("imagenet-1k", imagenet)
+    assert len(split.A) == 551 and len(set(split.A) - set(paper.A)) == 200 and split.rule == "paper-lists"
+    with pytest.raises(SplitError, match=re_escape("nearest exact levels are 275/551 and 276/551")):
+        splits.graded_split("imagenet-1k", imagenet, "0.5", 0)
+    with pytest.raises(SplitError, match=re_escape("highest level these families allow is 449/551")):
+        splits.graded_split("imagenet-1k", imagenet, "450/551", 0)
+
+
+def test_graded_split_needs_two_superclass_families():
+    untagged = [{"index": i, "id": f"c{i}", "name": f"c{i}"} for i in range(8)]
+    with pytest.raises(SplitError, match="a graded split mixes two superclass families, and dataset 'plain' has "
+                                         "neither superclass tags nor wnid class ids"):
+        splits.graded_split("plain", untagged, "1/4", 0, None)
+
+
+def test_cli_graded_split_and_its_flag_checks(toy_dataset, tmp_path, capsys):
+    data, _ = toy_dataset
+    parser = splits.add_split_arguments(argparse.ArgumentParser())
+    out = tmp_path / "g.json"
+    assert run_split(parser.parse_args([str(data), "--kind", "graded", "--level", "1/3", "--seed", "2",
+                                        "--out", str(out)])) == 0
+    assert "graded split of synthetic (superclass seed 2 level 1/3)" in capsys.readouterr().out
+    assert Split.load(out).level == pytest.approx(1 / 3)
+    for argv, message in ((["--kind", "graded", "--seed", "0"], "--kind graded needs --level P"),
+                          (["--kind", "similar", "--seed", "0", "--level", "1/3"], "--level applies to --kind graded")):
+        assert run_split(parser.parse_args([str(data), *argv, "--out", str(out)])) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_graded_levels_in_the_grid_key_their_jobs_and_level_0_is_the_dissimilar_split():
+    from ray import tune
+
+    from raytransfer.recipes import get_recipe
+    from raytransfer.sweep.errors import SweepError
+    from raytransfer.sweep.jobs import Dataset, build_jobs, expand_axes
+    from raytransfer.synthetic import FAMILIES, SyntheticSpec
+
+    classes = SyntheticSpec(superclasses_per_family=3, classes_per_superclass=2).classes()   # 6 + 6 classes
+    for i, c in enumerate(classes):
+        c["index"] = i
+    ds = Dataset("unused", "synthetic", "f" * 64, classes, list(FAMILIES))
+
+    def jobs(splits, seeds=(0,)):
+        grid = {"split": tune.grid_search(splits), "split_seed": tune.grid_search(list(seeds)), "target": "B",
+                "seed": 0, "treatment": "AnB", "n": 1}
+        return build_jobs(expand_axes(grid), ds, get_recipe("smoke"))
+
+    made, by_label = jobs(["dissimilar", "graded:0", "graded:1/6", "graded:1/2"], seeds=(0, 1))
+    anb = {j.key: j for j in made if j.treatment == "AnB"}
+    # level 0 is the dissimilar split at every seed: its bases and AnB exist once
+    assert sorted(by_label) == ["dissimilar", "graded-1of2-s0", "graded-1of2-s1", "graded-1of6-s0", "graded-1of6-s1"]
+    assert len(anb) == 5 and sum(j.split_kind == "dissimilar" for j in anb.values()) == 1
+    assert sorted(j.row()["split_level"] for j in anb.values()) == [0.0, 1 / 6, 1 / 6, 0.5, 0.5]
+    assert {k.split("-")[0] for k in anb} == {"dissimilar0", "graded1of6s0", "graded1of6s1", "graded1of2s0",
+                                              "graded1of2s1"}
+    again, _ = jobs(["graded:1/6"], seeds=(0,))
+    assert {j.key for j in again} <= {j.key for j in made}                  # the same level and seed: the same keys
+    with pytest.raises(SplitError, match=re_escape("graded level 1/4 is not exact on families of 6")):
+        jobs(["graded:1/4"])
+    with pytest.raises(SweepError, match="graded level 'x' is not a number"):
+        jobs(["graded:x"])

@@ -201,3 +201,27 @@ def test_parameters_outside_the_table_are_refused():
     net.extra = nn.Linear(2, 2)            # would never be trained: make_optimizer builds groups from the table
     with pytest.raises(ValueError, match=r"\['extra.weight', 'extra.bias'\] belong to no layer"):
         make_optimizer(net, PAPER)
+
+
+@pytest.mark.parametrize("arch,kwargs,n,bn", [("caffenet", {**CAFFENET, "norm": "batch"}, 3, "conv3_bn"),
+                                             ("resnet18", RESNET, 2, "layer1.0.bn2")])
+def test_the_frozen_check_covers_batch_norm_statistics_and_affine_parameters(arch, kwargs, n, bn):
+    """Frozen means frozen for batch norm too: the prefix's BN layers stay in eval mode through real training
+    steps, their affine parameters and running statistics are part of the frozen check, and a moved statistic
+    fails it by name."""
+    net = build_trial_network(arch, 10, None, n, "random_frozen", SEED, kwargs)
+    reference = frozen_state(net)
+    assert {f"{bn}.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")} <= set(reference)
+    optimizer = make_optimizer(net, get_recipe("paper", lr=0.05))
+    net.train()
+    frozen_bn = [m for layer in net.layer_table()[:n] for m in layer.modules for m in m.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert frozen_bn and not any(m.training for m in frozen_bn)
+    for images, labels in seeded_batches(3, 32 if arch == "caffenet" else 8):
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(net(images * 2 + 0.5), labels).backward()     # off-centre inputs: BN in train mode would move
+        optimizer.step()
+    assert verify_frozen(net, reference) == {"ok": True, "checked": len(reference), "mismatched": []}
+    with torch.no_grad():
+        net.state_dict()[f"{bn}.running_mean"][0] += 0.1
+    assert verify_frozen(net, reference)["mismatched"] == [f"{bn}.running_mean"]

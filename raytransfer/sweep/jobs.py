@@ -29,11 +29,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..models import layer_names
 from .errors import SweepError
 from ..recipes import Recipe, reduced_recipe
-from ..splits import (WNID, Split, SplitError, dissimilar_split, half_classes, is_imagenet_1k, similar_split,
-                      validate_split)
+from ..splits import (WNID, Split, SplitError, dissimilar_split, graded_split, half_classes, is_imagenet_1k,
+                      parse_level, similar_split, validate_split)
 
 TREATMENTS = ("AnB", "BnB", "AnB+", "BnB+", "random_frozen", "scratch")
 ALL_TREATMENTS = ("netbase", "baseA", "baseB") + TREATMENTS + ("reduced_k",)
@@ -41,11 +40,18 @@ WHOLE = "whole"                                                      # split lab
 PAPER_REDUCED_K = (1, 2, 5, 10, 25, 50, 100, 250, 500, 750, 1000, 0)  # the paper's reduced-* runs; 0: all images
 SPLIT_KINDS = ("similar", "dissimilar")                              # built in; a manifest is "file:PATH"
 SPLIT_FILE = "file:"
+SPLIT_GRADED = "graded:"                                             # "graded:1/6": a graded split at that level
 DIRECTIONS = {"AtoB": ("B",), "BtoA": ("A",), "both": ("B", "A")}   # -> target halves
 MIN_CLASSES_PER_HALF = 2                                             # top-1 over one class says nothing
 DIAGNOSTIC_PREFIX = "diag_"
 DIAGNOSTICS = {"cka": "diag_cka", "probe": "diag_probe", "estimators": "diag_estimators"}   # --diagnostics -> kind
 CKA_NETS = ("AnB", "AnB+", "BnB", "BnB+")                           # transferred nets compared with their base
+
+
+def layer_names(arch: str) -> list[str]:
+    """The arch's layer table (models imports torch: only when it is needed, not for `raytransfer status`)."""
+    from ..models import layer_names as names
+    return names(arch)
 
 
 def is_diagnostic(treatment: str) -> bool:
@@ -75,8 +81,9 @@ class Job:
     n: int
     base_key: str | None                      # the job whose weights it needs (None: no dependency)
     spec: dict = field(repr=False)            # the trial spec run_trial takes
-    split_label: str = ""                     # "similar-s0", "dissimilar", or a split file's name
+    split_label: str = ""                     # "similar-s0", "dissimilar", "graded-1of6-s0", or a split file's name
     split_sha256: str = ""
+    split_level: float | None = None          # a graded split's level: the share of A's classes from family 2
     layer: str = ""                           # layer n of the arch's table: the last one copied ("" at n = 0)
     k: int = 0                                # reduced_k: training images per class (0: all)
     reads: tuple = ()                         # a diagnostic's inputs: the finished nets it reads
@@ -93,7 +100,8 @@ class Job:
     def row(self) -> dict:
         """The columns a results row takes from the job itself."""
         return {"job_key": self.key, "split_kind": self.split_kind, "split_seed": self.split_seed,
-                "split": self.split_label, "split_sha256": self.split_sha256, "seed": self.seed,
+                "split": self.split_label, "split_sha256": self.split_sha256, "split_level": self.split_level,
+                "seed": self.seed,
                 "treatment": self.treatment, "source_half": self.source_half or "", "target_half": self.target_half,
                 "n": self.n, "layer": self.layer, "base_job_key": self.base_key or "", "k": self.k,
                 "deps": list(self.deps)}
@@ -124,9 +132,15 @@ def validate_axes(axes: list[dict], arch: str = "caffenet"):
     """One clear error for a bad grid, before anything is trained."""
     ns = n_range(arch)
     for a in axes:
-        if a["split"] not in SPLIT_KINDS and not str(a["split"]).startswith(SPLIT_FILE):
-            raise SweepError(f"unknown split kind {a['split']!r}; expected one of {', '.join(SPLIT_KINDS)}, or "
-                             "file:PATH (a split manifest of `raytransfer split`, as --split-file PATH)")
+        if a["split"] not in SPLIT_KINDS and not str(a["split"]).startswith((SPLIT_FILE, SPLIT_GRADED)):
+            raise SweepError(f"unknown split kind {a['split']!r}; expected one of {', '.join(SPLIT_KINDS)}, "
+                             "graded:LEVEL (such as graded:1/6), or file:PATH (a split manifest of `raytransfer "
+                             "split`, as --split-file PATH)")
+        if str(a["split"]).startswith(SPLIT_GRADED):
+            try:
+                parse_level(a["split"][len(SPLIT_GRADED):])
+            except SplitError as e:
+                raise SweepError(str(e)) from None
         if a["treatment"] not in TREATMENTS:
             raise SweepError(f"unknown treatment {a['treatment']!r}; expected one of {', '.join(TREATMENTS)}")
         if a["target"] not in ("A", "B"):
@@ -145,6 +159,17 @@ def make_split(dataset: Dataset, source: str, seed: int) -> tuple[Split, str]:
             raise SplitError(f"--splits dissimilar {why}")
         split, label, where = dissimilar_split(dataset.name, dataset.classes, dataset.superclass_order), \
             "dissimilar", "--splits dissimilar"
+    elif source.startswith(SPLIT_GRADED):
+        where = f"--splits {source}"
+        why = why_no_dissimilar(dataset)
+        if why:
+            raise SplitError(f"{where}: a graded split mixes the two families of the dissimilar split, and it {why}")
+        try:
+            split = graded_split(dataset.name, dataset.classes, source[len(SPLIT_GRADED):], seed,
+                                 dataset.superclass_order)
+        except SplitError as e:
+            raise SplitError(f"{where} on {dataset.data_dir}: {e}") from None
+        label = "dissimilar" if split.kind == "dissimilar" else f"graded-{level_name(split)}-s{seed}"
     else:
         path = source[len(SPLIT_FILE):]
         where = f"--split-file {path}"
@@ -181,12 +206,23 @@ def why_no_dissimilar(dataset: Dataset) -> str | None:
 
 
 def split_id(split: Split) -> str:
-    """The readable part of a job key, from the split's content: similarN, dissimilar0, file<sha>."""
+    """The readable part of a job key, from the split's content: similarN, dissimilar0, graded1of6sN,
+    file<sha>."""
     if split.kind == "similar":
         return f"similar{split.seed}"
     if split.kind == "dissimilar":
         return "dissimilar0"
+    if split.kind == "graded":
+        return f"graded{level_name(split)}s{split.seed}"
     return f"file{split.sha256[:6]}"
+
+
+def level_name(split: Split) -> str:
+    """A graded split's level as it reads in labels and keys: '0', '1of6', '1of2'."""
+    from math import gcd
+    swapped, total = round((split.level or 0) * len(split.A)), len(split.A)
+    g = gcd(swapped, total) or 1
+    return "0" if not swapped else f"{swapped // g}of{total // g}"
 
 
 def build_jobs(axes: list[dict], dataset: Dataset, recipe: Recipe, reduced_k=()) -> tuple[list[Job], dict]:
@@ -204,7 +240,7 @@ def build_jobs(axes: list[dict], dataset: Dataset, recipe: Recipe, reduced_k=())
     made, by_sha, jobs = {}, {}, {}                # axis value -> split; sha -> (split, label)
     for a in axes:
         source = a["split"]
-        split_seed = int(a["split_seed"]) if source == "similar" else 0
+        split_seed = int(a["split_seed"]) if source == "similar" or source.startswith(SPLIT_GRADED) else 0
         seed = int(a.get("seed", 0))
         if (source, split_seed) not in made:
             split, label = make_split(dataset, source, split_seed)
@@ -268,7 +304,14 @@ def _job(dataset, split, label, seed, recipe, treatment, source, target, n, base
         spec["k"] = k
     kind, split_seed = (WHOLE, 0) if split is None else (split.kind, split.seed or 0)
     return Job(key, treatment, kind, split_seed, seed, source, target, n, base_key, spec, split_label=label,
-               split_sha256="" if split is None else split_sha, layer=layer_names(recipe.arch)[n - 1] if n else "", k=k)
+               split_sha256="" if split is None else split_sha, layer=layer_names(recipe.arch)[n - 1] if n else "", k=k,
+               split_level=None if split is None else split_level(split))
+
+
+def split_level(split: Split) -> float | None:
+    """The level of a split on the graded axis: a graded split's own, 0 for the dissimilar split (where the
+    graded axis starts), None for the others."""
+    return split.level if split.level is not None else (0.0 if split.kind == "dissimilar" else None)
 
 
 @dataclass(frozen=True)

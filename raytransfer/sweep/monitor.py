@@ -14,6 +14,7 @@ heartbeat `raytransfer status` reads. Each is a Ray Tune callback in the driver.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -181,6 +182,46 @@ class LiveReport(tune.Callback):
             print(f"[sweep] live results: {len(table)} networks in {report or 'results.csv'}", flush=True)
         except Exception as e:                         # a report must never stop the sweep
             log.warning("live report not rebuilt: %s", e)
+
+
+def check_tracking_uri(uri: str) -> str:
+    """The --mlflow URI, its local path made absolute (the driver runs in the experiment folder), or one
+    error now where MLflow would refuse it at the first job: MLflow's callbacks only warn (tracking never
+    stops a sweep), so a bad URI would otherwise leave every job unlogged. MLflow 3 keeps its file store
+    (a path or file: URI) behind MLFLOW_ALLOW_FILE_STORE; a database needs SQLAlchemy, which
+    mlflow-skinny (raytransfer's dependency) lacks."""
+    import importlib.util
+    from urllib.parse import urlparse
+
+    from .errors import SweepError
+
+    scheme = urlparse(uri).scheme.lower()
+    if scheme in ("", "file") or len(scheme) == 1:        # a path (C:\\... parses as scheme "c")
+        path = os.path.abspath(os.path.expanduser(urlparse(uri).path if scheme == "file" else uri))
+        try:
+            from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+        except ImportError:                               # an MLflow that opens its file store unasked
+            return f"file://{path}"
+        if not MLFLOW_ALLOW_FILE_STORE.get():
+            raise SweepError(f"--mlflow {uri} is MLflow's file store, which MLflow 3 opens only when "
+                             f"MLFLOW_ALLOW_FILE_STORE=true: use a database, --mlflow sqlite:///"
+                             f"{os.path.dirname(path.rstrip('/'))}/mlflow.db, or an MLflow server (--mlflow "
+                             "http://HOST:5000), or set MLFLOW_ALLOW_FILE_STORE=true")
+        return f"file://{path}"
+    if scheme.split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
+        if importlib.util.find_spec("sqlalchemy") is None or importlib.util.find_spec("alembic") is None:
+            raise SweepError(f"--mlflow {uri} is a database, which needs the full MLflow package (raytransfer "
+                             "installs mlflow-skinny, enough for a server): pip install mlflow, or log to an "
+                             "MLflow server (--mlflow http://HOST:5000)")
+        _, sep, rest = uri.partition("://")
+        path, query = rest[1:].partition("?")[::2]         # sqlite:///relative.db, sqlite:////absolute.db
+        if scheme == "sqlite" and sep and path and path != ":memory:":
+            path = os.path.abspath(os.path.expanduser(path))
+            if not os.path.isdir(os.path.dirname(path)):
+                raise SweepError(f"--mlflow {uri}: the folder {os.path.dirname(path)} of that database does not "
+                                 "exist: create it, or fix the URI (sqlite:////absolute/path/mlflow.db)")
+            return f"sqlite:///{path}" + (f"?{query}" if query else "")
+    return uri
 
 
 class MLflowJobs(tune.Callback):

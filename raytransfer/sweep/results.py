@@ -26,7 +26,7 @@ import pandas as pd
 
 from ..recipes import describe_changes
 
-COLUMNS = ["job_key", "dataset", "split_kind", "split_seed", "split", "split_sha256", "seed", "treatment",
+COLUMNS = ["job_key", "dataset", "split_kind", "split_seed", "split", "split_sha256", "split_level", "seed", "treatment",
            "source_half", "target_half", "n", "k", "layer", "arch", "recipe", "recipe_set", "top1_final", "top1_best10", "top5_final",
            "plateau_rise", "converged", "epochs", "images_per_class", "train_images_per_s", "wall_s", "frozen_check",
            "base_job_key", "status", "reason", "host", "node_id", "gpus_held", "device", "attempts", "base_weights_via",

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -25,10 +26,12 @@ from ..models import ARCHITECTURES
 from ..recipes import Recipe, get_recipe, parse_overrides, reduced_recipe
 from ..synthetic import SyntheticSpec
 from .errors import SweepError
-from .monitor import LiveReport, MLflowJobs
-from .jobs import (DIAGNOSTICS, DIRECTIONS, PAPER_REDUCED_K, SPLIT_FILE, SPLIT_KINDS, TREATMENTS, Dataset,
+from .monitor import LiveReport, MLflowJobs, check_tracking_uri
+from .jobs import (DIAGNOSTICS, DIRECTIONS, PAPER_REDUCED_K, SPLIT_FILE, SPLIT_GRADED, SPLIT_KINDS, TREATMENTS,
+                   Dataset,
                    DiagnosticSettings, Job, build_diagnostic_jobs, build_jobs, describe_n_range, expand_axes, n_range)
 from .results import _atomic, write_diagnostics, write_results
+from .storage import check_remote, resume_hint, unavailable
 from .store import JobStore, _split_uri
 
 log = logging.getLogger("raytransfer.sweep")
@@ -70,7 +73,8 @@ SCALES = {
 
 def add_sweep_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("grid (override the sweep file's axes)")
-    g.add_argument("--splits", help=f"comma list of {', '.join(SPLIT_KINDS)}")
+    g.add_argument("--splits", help=f"comma list of {', '.join(SPLIT_KINDS)} and graded:LEVEL (between the two: "
+                                    "graded:1/6 swaps a sixth of half A's classes for the other family's)")
     g.add_argument("--split-file", action="append", type=Path, metavar="FILE.json",
                    help="a split manifest written by `raytransfer split` (any --kind, file included) as one more "
                         "split of the grid, labelled by its file name; repeatable. Without --splits the grid's "
@@ -103,7 +107,9 @@ def add_sweep_args(p: argparse.ArgumentParser):
                         "at the recipe's width); its layer table sets the n range")
     p.add_argument("--data", type=Path, help="a prepared dataset folder (raytransfer prepare); default: built-in synthetic")
     p.add_argument("--out", type=Path, help="experiment folder for results and report (default results/<sweep>-<scale>)")
-    p.add_argument("--storage", help="where the job store, checkpoints and Tune state live: a path or s3://... (default: --out)")
+    p.add_argument("--storage", help="where the job store, checkpoints and Tune state live: a path or s3://... (default: "
+                        "--out); s3:// reads AWS_ENDPOINT_URL and the AWS credential variables, and waits out an "
+                        "outage for up to RAYTRANSFER_STORAGE_WAIT_S seconds (600)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--gpus-per-trial", type=float, default=None,
                    help="GPUs per worker, fractions allowed for small nets (default: 1 if the cluster has or can "
@@ -153,6 +159,16 @@ def _names(text: str, allowed, what: str) -> list[str]:
     return names
 
 
+def _split_names(text: str) -> list[str]:
+    """--splits: built-in kinds and graded:LEVEL entries (levels checked against the data later)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    graded = [t for t in names if t.startswith(SPLIT_GRADED)]
+    rest = [t for t in names if not t.startswith(SPLIT_GRADED)]
+    if rest or not graded:
+        _names(",".join(rest) or text, SPLIT_KINDS + ("graded:LEVEL",), "split kind")
+    return names
+
+
 def diagnostic_kinds(args, scale: Scale) -> tuple:
     """--diagnostics as a tuple of kinds (the scale's default when not given)."""
     if args.diagnostics is None:
@@ -166,12 +182,12 @@ def diagnostic_kinds(args, scale: Scale) -> tuple:
 
 def apply_overrides(grid: dict, args, arch: str = "caffenet") -> dict:
     """The sweep file's axes with the command line's subsets, each checked; n "all" (the sweep file's
-    default) becomes every n of the architecture's table."""
+    default; at demo scale the scale's n) or "every" becomes every n of the architecture's table."""
     from ray import tune
 
     grid = dict(grid)
     if args.splits or args.split_file:
-        kinds = _names(args.splits, SPLIT_KINDS, "split kind") if args.splits else []
+        kinds = _split_names(args.splits) if args.splits else []
         for f in args.split_file or []:
             if not f.is_file():
                 raise SweepError(f"--split-file {f} does not exist: make it with `raytransfer split DATA_DIR --kind "
@@ -187,7 +203,7 @@ def apply_overrides(grid: dict, args, arch: str = "caffenet") -> dict:
         if bad:
             raise SweepError(f"--n {bad[0]} is outside {describe_n_range(arch)}: n counts the layers copied")
         grid["n"] = tune.grid_search(ns)
-    if grid.get("n") == "all":
+    if grid.get("n") in ("all", "every"):          # "every": each n of the arch at every scale too
         grid["n"] = tune.grid_search(list(n_range(arch)))
     if args.treatments:
         grid["treatment"] = tune.grid_search(_names(args.treatments, TREATMENTS, "treatment"))
@@ -369,6 +385,9 @@ def run(grid: dict, args, name: str, split_treatments: dict | None = None) -> in
         raise SweepError("--gpus-per-trial must be >= 0, --workers-per-trial >= 1 and --cpus-per-trial > 0")
     if args.checkpoint_minutes < 0 or args.max_failures < 0 or (args.max_concurrent is not None and args.max_concurrent < 1):
         raise SweepError("--checkpoint-minutes and --max-failures must be >= 0, --max-concurrent >= 1")
+    if args.mlflow:                                 # a URI MLflow refuses: now, not one warning once jobs run
+        args.mlflow = check_tracking_uri(args.mlflow)
+    check_remote(storage)                           # a missing bucket, refused credentials: one line, now
     store = JobStore(storage)
     store.check_writable()
     # [2] the dataset, the jobs and their keys
@@ -389,7 +408,7 @@ def run(grid: dict, args, name: str, split_treatments: dict | None = None) -> in
     notes.append(short and f"{short} (--dry-run: listed anyway; a sweep would stop here)")
     for note in filter(None, notes):
         print(f"[sweep] note: {note}", flush=True)
-    done = {k: r for k, r in store.completed().items()}
+    done = store.summaries(write_index=not args.dry_run)["jobs"]   # {key: summary}: one listing + the index
     if args.dry_run:
         print_job_table(jobs, done)
         from .estimate import print_estimate
@@ -439,13 +458,22 @@ def run(grid: dict, args, name: str, split_treatments: dict | None = None) -> in
     try:                   # (Ray's local autoscaler: all its nodes share one runtime_resources folder)
         ready = None if args.resume else (lambda: save_invocation(storage, exp_name, invocation))
         info = fit_sweep(jobs, done, store, storage, exp_name, args, callbacks, on_ready=ready) or {}
+    except Exception as e:
+        if unavailable(storage):                   # it stayed away for the whole wait: one line, the way back
+            raise SweepError(storage_gone(storage, e)) from None
+        raise
     finally:
         try:
             os.chdir(here)
         except OSError:
             pass
     # [4] the table, the report, the summary
-    records, failed, table, report = publish(final=True)
+    try:
+        records, failed, table, report = publish(final=True)
+    except Exception as e:
+        if unavailable(storage):
+            raise SweepError(storage_gone(storage, e)) from None
+        raise
     missing = [j.key for j in jobs if j.key not in records]
     dropped = sorted(k for k in done if k not in records)      # a trial found their weights unreadable
     if dropped:
@@ -455,11 +483,18 @@ def run(grid: dict, args, name: str, split_treatments: dict | None = None) -> in
     return 0 if not missing else 1
 
 
+def storage_gone(storage: str, error: BaseException) -> str:
+    """The sweep's last line when its storage stayed away: what happened and the command that resumes."""
+    argv = [a for a in sys.argv if a != "--resume"]
+    command = shlex.join(["python", *argv, "--resume"]) if argv and argv[0].endswith(".py") else "the same command with --resume"
+    return f"{resume_hint(storage)}: {command}"
+
+
 def summary_block(jobs, done_before: dict, records: dict, failed: dict, wall_s: float, out: Path, report,
                   dashboard: str | None) -> str:
     """The sweep's last words: jobs, wall time, GPU-hours, failures, where the results and report are."""
     from .monitor import hms
-    from .status import job_hours
+    from .status import job_hours, restarts
 
     keys = {j.key for j in jobs}
     new = [r for k, r in records.items() if k in keys and k not in done_before]
@@ -471,6 +506,9 @@ def summary_block(jobs, done_before: dict, records: dict, failed: dict, wall_s: 
              f"[sweep] jobs: {len(jobs)} in the grid: {len(keys & set(records))} done ({len(new)} trained now, "
              f"{len(keys & set(done_before))} done before), {len(bad)} failed, {len(missing)} not run",
              f"[sweep] wall time {hms(wall_s)}; trained now: {gpu_h:.2f} GPU-hours, {trial_h:.2f} hours of trials",
+             "[sweep] restarts: {restarts_after_failures} after failures, {preemptions} after preemptions "
+             "(preemptions do not spend --max-failures)".format(**restarts({k: r for k, r in {**failed, **records}.items()
+                                                                            if k in keys and k not in done_before})),
              f"[sweep] results: {out / 'results.csv'}"]
     if any(j.is_diagnostic for j in jobs):
         lines.append(f"[sweep] diagnostics: {out / 'diagnostics.csv'}, {out / 'transferability.json'}")
@@ -528,7 +566,8 @@ def check_resume(storage: str, exp_name: str, invocation: dict):
     if not saved:
         raise SweepError(f"--resume: no interrupted sweep at {storage}; drop --resume to start it (finished "
                          "jobs in the job store are skipped anyway)")
-    last, name = max(saved, key=lambda s: s[0].get("saved_at", 0))
+    own = [s for s in saved if s[1] == exp_name]    # this grid's sweep, though another one was saved after it
+    last, name = own[0] if own else max(saved, key=lambda s: s[0].get("saved_at", 0))
     diffs = [f"--{k.replace('_', '-')} {_show(last['flags'].get(k))} (interrupted) vs {_show(v)} (now)"
              for k, v in invocation["flags"].items() if last["flags"].get(k) != v]
     if last["jobs"] != invocation["jobs"]:

@@ -15,6 +15,7 @@ record of rows).
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import pickle
 
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 
 
 class DependencySearcher(Searcher):
+    """Each decision costs what changed since the last, not the size of the grid: a heap of the jobs whose
+    dependencies are all done (in the grid's order), a count of each job's unmet dependencies, each job's
+    dependents; whether anything can still run is worked out once per change and remembered (Tune asks
+    while every base trains, about ten times a second)."""
+
     def __init__(self, jobs, done: dict | None = None, metric: str = "val_top1", mode: str = "max", release=None):
         super().__init__(metric=metric, mode=mode)
         self.release = release
@@ -37,20 +43,46 @@ class DependencySearcher(Searcher):
         self.issued, self.trial_to_key, self.failed = {}, {}, {}
         self.blocked_reason = None
         self.released = set()
+        self._derive()
+
+    def _derive(self):
+        """The structures each decision reads, from the state (here and after a restore)."""
+        self._rank = {k: i for i, k in enumerate(self.order)}
+        self._dependents = {}
+        for k, job in self.jobs.items():
+            for d in set(job["deps"]):
+                self._dependents.setdefault(d, []).append(k)
+        self._unmet = {k: len({d for d in job["deps"] if d not in self.done}) for k, job in self.jobs.items()}
+        self._ready = [(self._rank[k], k) for k in self.order if self._unmet[k] == 0 and self._open(k)]
+        heapq.heapify(self._ready)
+        self._changed, self._waiting, self._first = True, False, 0
+
+    def _open(self, key) -> bool:
+        return key not in self.done and key not in self.issued
+
+    def _mark_done(self, key, output):
+        if key not in self.done:
+            for k in self._dependents.get(key, []):
+                self._unmet[k] -= 1
+                if self._unmet[k] == 0 and self._open(k):
+                    heapq.heappush(self._ready, (self._rank[k], k))
+        self.done[key] = output
 
     def suggest(self, trial_id: str):
-        waiting = False
-        for key in self.order:
-            if key in self.done or key in self.issued:
-                continue
-            deps = self.jobs[key]["deps"]
-            if all(d in self.done for d in deps):
+        while self._ready:
+            _, key = heapq.heappop(self._ready)
+            if self._open(key):                           # else done or handed out since it was pushed
                 self.issued[key] = trial_id
                 self.trial_to_key[trial_id] = key
-                return {**self.jobs[key]["config"], "base_uris": {d: self.done[d] for d in deps}}
-            if not any(self._dead(d) for d in deps):
-                waiting = True
-        if waiting:
+                self._changed = True
+                return {**self.jobs[key]["config"], "base_uris": {d: self.done[d] for d in self.jobs[key]["deps"]}}
+        if self._changed:                                 # can a job still run once what runs now ends?
+            self._changed = False
+            while self._first < len(self.order) and not self._open(self.order[self._first]):
+                self._first += 1                          # jobs before it are all done or handed out, for good
+            self._waiting = any(self._open(k) and not any(self._dead(d) for d in self.jobs[k]["deps"])
+                                for k in (self.order[i] for i in range(self._first, len(self.order))))
+        if self._waiting:
             return None                                   # a base is still running
         blocked = [k for k in self.order if k not in self.done and k not in self.issued]
         if blocked and self.blocked_reason is None:
@@ -85,8 +117,9 @@ class DependencySearcher(Searcher):
         if error or not output:
             self.failed[key] = "error" if error else ((result or {}).get("failure_reason") or "no weights reported")
         else:
-            self.done[key] = output
+            self._mark_done(key, output)
             self.failed.pop(key, None)
+        self._changed = True
         for base in self.jobs.get(key, {}).get("deps", []) + [key]:
             self._maybe_release(base)
 
@@ -96,7 +129,7 @@ class DependencySearcher(Searcher):
             return
         if self.jobs.get(base, {}).get("config", {}).get("treatment") not in (None, "baseA", "baseB"):
             return                                   # a transfer a diagnostic read: no object-store copy to free
-        dependents = [k for k, j in self.jobs.items() if base in j["deps"]]
+        dependents = self._dependents.get(base, [])
         if not dependents:
             return
         if all(k in self.done or k in self.failed for k in dependents):
@@ -110,6 +143,7 @@ class DependencySearcher(Searcher):
 
     def set_state(self, state: dict):
         self.__dict__.update(state)
+        self._derive()
 
     def save(self, checkpoint_path: str):
         with open(checkpoint_path, "wb") as f:

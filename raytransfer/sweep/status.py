@@ -5,6 +5,8 @@ The driver writes its plan (every job of the grid) when it starts and a heartbea
 running, the dashboard) while it runs; each job leaves attempts, then a done or failed record.
 From these: jobs done / running / failed / waiting per split kind x treatment, the failures with
 their reasons, each base with its dependents, GPU-hours so far and an estimate of what is left.
+The records are read through the job store's index (index.py: one file, checked against one listing of
+the records), so a store of thousands of jobs answers in about a second, on S3 too.
 
     raytransfer status s3://bucket/raytransfer            # a table
     raytransfer status /mnt/shared/raytransfer --json     # {"done": .., "running": .., "failed": .., "waiting": .., ...}
@@ -19,7 +21,7 @@ from analysis.results import input_wait_by_treatment
 
 from .errors import SweepError
 from .jobs import is_diagnostic
-from .store import JobStore
+from .store import ATTEMPTS, JobStore
 
 STALE_S = 120            # the driver beats every 30 s: older than this, it is not running (or cannot write)
 
@@ -40,17 +42,34 @@ def job_hours(record: dict, now: float | None = None, attempts: list | None = No
     return hours * float(record.get("gpus_held") or 0.0), hours
 
 
-def sweep_status(storage: str, now: float | None = None) -> dict:
+def sweep_status(storage: str, now: float | None = None, index: bool = True) -> dict:
+    """Where the sweep at `storage` stands. With `index` (the default) from the job store's index, checked
+    against one listing of the records (index.py): seconds for thousands of jobs, also on S3; the attempts
+    of a job are read only where a record lacks their start times or the job runs now. `index=False`
+    reads every record and every attempt (the answer is the same)."""
     now = now or time.time()
     store = JobStore(storage)
     plan = store.read_sweep()
     if plan is None:
         raise SweepError(f"{storage} holds no sweep (no jobstore/sweep.json): check the path; a sweep writes it "
                          "when it starts")
-    done, failed, attempts = store.completed(), store.failed(), store.all_attempts()
     beat = store.read_heartbeat() or {}
     live = bool(beat) and not beat.get("ended") and now - beat.get("at", 0) < STALE_S
     running_keys = set(beat.get("running", [])) if live else set()
+    if index:
+        summaries = store.summaries()
+        done, failed = summaries["jobs"], summaries["failed"]
+        need = sorted({k for k, r in {**failed, **done}.items() if not r.get("attempt_starts")}
+                      | (running_keys - set(done) - set(failed)))
+        attempts = {k: a for k, a in zip(need, store._read_many([f"{store.root}/{ATTEMPTS}/{k}.json" for k in need]))
+                    if a is not None}
+    else:
+        done, failed, attempts = store.completed(), store.failed(), store.all_attempts()
+    return _status(storage, plan, done, failed, attempts, beat, live, running_keys, now)
+
+
+def _status(storage, plan, done, failed, attempts, beat, live, running_keys, now) -> dict:
+    done, failed = dict(sorted(done.items())), dict(sorted(failed.items()))    # sums in one order, either source
     jobs = plan["jobs"]
     status_of = {}
     for j in jobs:
@@ -82,10 +101,14 @@ def sweep_status(storage: str, now: float | None = None) -> dict:
             left += sum(same) / len(same) if same else 0.0
     unit = "GPU-hours" if plan.get("gpus_per_trial") else "hours"
 
+    dependents = defaultdict(list)                    # job key -> the jobs that need it (diagnostics too)
+    for d in jobs:
+        for k in set(d.get("deps") or [d.get("base_job_key")]):
+            dependents[k].append(d)
     bases = []
     for j in jobs:
         if j["treatment"] in ("baseA", "baseB"):
-            deps = [d for d in jobs if j["job_key"] in (d.get("deps") or [d.get("base_job_key")])]   # diagnostics too
+            deps = dependents.get(j["job_key"], [])
             bases.append({"job_key": j["job_key"], "status": status_of[j["job_key"]],
                           "dependents": len(deps), "dependents_done": sum(status_of[d["job_key"]] == "done" for d in deps)})
     waits = input_wait_by_treatment(
@@ -103,8 +126,18 @@ def sweep_status(storage: str, now: float | None = None) -> dict:
         "estimate_from_jobs": len(everything),
         "by_split_and_treatment": {g: dict(v) for g, v in sorted(by_group.items())},
         "failed_jobs": [{"job_key": k, "reason": r.get("reason")} for k, r in sorted(failed.items()) if k in status_of],
+        **restarts({**failed, **done}),
         "bases": bases,
     }
+
+
+def restarts(records: dict) -> dict:
+    """Restarts of the recorded jobs beyond their first attempt: after failures (these spend --max-failures)
+    and after preemptions (a node reclaimed: these do not), from each record's attempts and preemptions."""
+    pre = sum(int(r.get("preemptions") or 0) for r in records.values())
+    after_failures = sum(max(0, int(r.get("attempts") or 1) - 1 - int(r.get("preemptions") or 0))
+                         for r in records.values())
+    return {"restarts_after_failures": after_failures, "preemptions": pre}
 
 
 def _kind(treatment: str) -> str:
@@ -126,7 +159,8 @@ def format_status(st: dict) -> str:
     unit = "GPU-hours" if left_key.startswith("gpu") else "hours"
     lines = [f"sweep {st['experiment']} at {st['storage']}: driver {driver}",
              f"{st['jobs']} jobs: {st['done']} done, {st['running']} running, {st['failed']} failed, "
-             f"{st['waiting']} waiting",
+             f"{st['waiting']} waiting; restarts: {st.get('restarts_after_failures', 0)} after failures, "
+             f"{st.get('preemptions', 0)} after preemptions",
              f"spent: {st['gpu_hours_spent']:.2f} GPU-hours ({st['hours_spent']:.2f} hours of trials); "
              f"left, estimated from the {st['estimate_from_jobs']} done jobs: {st[left_key]:.2f} {unit}", ""]
     width = max([len(g) for g in st["by_split_and_treatment"]] + [10])
@@ -150,7 +184,19 @@ def add_status_args(p):
     p.add_argument("--json", action="store_true", help="one JSON object: totals at the top, then the breakdowns")
 
 
+STATUS_WAIT_S = 30        # a storage that does not answer: said so after this long, not after a sweep's patience
+
+
 def run_status(args) -> int:
-    st = sweep_status(args.storage)
+    from .storage import patience, unavailable
+
+    try:
+        with patience(STATUS_WAIT_S) as waited:
+            st = sweep_status(args.storage)
+    except Exception:
+        if unavailable(args.storage):
+            raise SweepError(f"{args.storage} does not answer (waited {waited:.0f} s): check the network, "
+                             "AWS_ENDPOINT_URL and the credentials, then ask again") from None
+        raise
     print(json.dumps(st, indent=2) if args.json else format_status(st))
     return 0

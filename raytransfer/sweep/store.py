@@ -26,13 +26,13 @@ import os
 import time
 
 import pyarrow.fs
-import torch
 
 from .errors import SweepError
 
 RECORDS, WEIGHTS, FAILED, ATTEMPTS = "jobs", "weights", "failed", "attempts"
 SWEEP, HEARTBEAT = "sweep.json", "heartbeat.json"
 READ_TRIES, READ_BACKOFF_S = 4, 0.5       # a failed read is tried again after 0.5, 1 and 2 s
+READ_THREADS = 16                         # records read at once (S3: one GET each, ~10-50 ms of latency)
 
 log = logging.getLogger("raytransfer.sweep")
 
@@ -42,11 +42,10 @@ class StoreReadError(RuntimeError):
 
 
 def _split_uri(uri: str):
-    """(filesystem, path) for a local path or a URI such as s3://bucket/prefix."""
-    if "://" not in uri:
-        uri = os.path.abspath(os.path.expanduser(uri))
-        return pyarrow.fs.LocalFileSystem(), uri
-    return pyarrow.fs.FileSystem.from_uri(uri)
+    """(filesystem, path) for a local path or a URI such as s3://bucket/prefix; a remote one waits out a
+    storage that stutters (storage.py: the sweep's one constructor of its storage filesystem)."""
+    from .storage import storage_filesystem
+    return storage_filesystem(uri)
 
 
 class JobStore:
@@ -57,6 +56,7 @@ class JobStore:
         self.root_uri = f"{self.storage}/jobstore"
         self.fs, self.root = _split_uri(self.root_uri)
         self._cache: dict | None = None
+        self._seen: dict[str, dict] = {}          # folder -> {key: (stamp, record)}: what _read_all read
 
     def check_writable(self):
         """Fail before any training if the storage cannot be written: one clear message."""
@@ -74,6 +74,8 @@ class JobStore:
         return f"{self.root_uri}/{WEIGHTS}/{key}"
 
     def save_weights(self, key: str, state_dict: dict) -> str:
+        import torch                     # here, not at the top: `raytransfer status` reads records without torch
+
         buf = io.BytesIO()
         torch.save({"model": {k: v.detach().cpu() for k, v in state_dict.items()}}, buf)
         d = f"{self.root}/{WEIGHTS}/{key}"
@@ -103,7 +105,9 @@ class JobStore:
         """{"attempt_starts": [when each attempt of `key` began]} for its record (GPU-hours count every
         attempt); {} if the attempts cannot be read: the record itself must never be lost for it."""
         try:
-            return {"attempt_starts": [a.get("at") for a in self.attempts(key) if a.get("at")]}
+            attempts = self.attempts(key)
+            return {"attempt_starts": [a.get("at") for a in attempts if a.get("at")],
+                    "preemptions": sum(1 for a in attempts if a.get("ended") == "preempted")}
         except StoreReadError as e:
             log.warning("%s: its record is written without its attempts' start times (%s)", key, e)
             return {}
@@ -119,6 +123,15 @@ class JobStore:
         self.fs.create_dir(f"{self.root}/{ATTEMPTS}", recursive=True)
         self._atomic_write(path, json.dumps(attempts).encode())
         return len(attempts)
+
+    def note_preemption(self, key: str, why: str = ""):
+        """The latest attempt of `key` ended because its node was preempted (not a failure): its record's
+        `preemptions` counts such attempts apart from `attempts` (every start)."""
+        path = f"{self.root}/{ATTEMPTS}/{key}.json"
+        attempts = self._read_json(path) or [{"at": None}]
+        attempts[-1] = {**attempts[-1], "ended": "preempted", **({"why": why} if why else {})}
+        self.fs.create_dir(f"{self.root}/{ATTEMPTS}", recursive=True)
+        self._atomic_write(path, json.dumps(attempts).encode())
 
     def write_sweep(self, plan: dict):
         """The running sweep's plan (its jobs, one row each), for `raytransfer status` without Ray."""
@@ -164,15 +177,44 @@ class JobStore:
                              "same command (nothing recorded is lost); if the file itself is damaged, move it "
                              "aside (its job is then trained again)")
 
-    def _read_all(self, folder: str) -> dict[str, dict]:
-        out = {}
+    def _list(self, folder: str) -> dict[str, list]:
+        """{key: [mtime_ns, size]} of a folder's records: one listing (on S3 one call per 1,000 keys)."""
         sel = pyarrow.fs.FileSelector(f"{self.root}/{folder}", allow_not_found=True)
-        for info in self.fs.get_file_info(sel):
-            if info.path.endswith(".json"):
-                rec = self._read_json(info.path)
-                if rec is not None:
-                    out[os.path.basename(info.path)[:-5]] = rec
+        return {os.path.basename(i.path)[:-5]: [i.mtime_ns, i.size] for i in self.fs.get_file_info(sel)
+                if i.path.endswith(".json")}
+
+    def _read_many(self, paths: list[str], then=None) -> list:
+        """_read_json of each path (passed through `then`, if given, where it is not None), READ_THREADS at a
+        time: on S3 each is one GET, latency more than bandwidth. The first StoreReadError is raised."""
+        def read(path):
+            value = self._read_json(path)
+            return then(value) if then is not None and value is not None else value
+
+        if len(paths) < 2:
+            return [read(p) for p in paths]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(READ_THREADS, len(paths))) as pool:
+            return list(pool.map(read, paths))
+
+    def _read_all(self, folder: str) -> dict[str, dict]:
+        """Every record of a folder, by key: one listing, then only the files new or changed since this
+        store's last read of the folder (by mtime and size), in parallel."""
+        listing = self._list(folder)
+        seen = self._seen.get(folder, {})
+        todo = [k for k in listing if k not in seen or seen[k][0] != listing[k]]
+        read = dict(zip(todo, self._read_many([f"{self.root}/{folder}/{k}.json" for k in todo])))
+        out = {k: read[k] if k in read else seen[k][1] for k in listing}
+        out = {k: r for k, r in out.items() if r is not None}      # gone between the listing and the read
+        self._seen[folder] = {k: (listing[k], r) for k, r in out.items()}
         return out
+
+    def summaries(self, write_index: bool = True) -> dict[str, dict]:
+        """{"jobs": {key: summary}, "failed": {key: summary}} from the index, checked against the records'
+        listing and brought up to date (index.py); the index is written back when it changed."""
+        from .index import refresh
+
+        return refresh(self, write=write_index)[0]
 
     def _delete(self, path: str):
         try:
@@ -201,6 +243,8 @@ class JobStore:
 
 def load_weights(uri: str) -> dict:
     """The state_dict a finished job left at `uri` (loaded with weights_only=True)."""
+    import torch
+
     fs, path = _split_uri(uri)
     try:
         with fs.open_input_stream(f"{path}/state.pt") as f:

@@ -30,6 +30,7 @@ from .monitor import SweepProgress, keep_tensorboard
 from .registry import drop, fetch_base, get_or_create_registry, publish, registry_name, remove_registry
 from .searcher import DependencySearcher
 from .jobs import is_diagnostic
+from .storage import StorageUnavailable, resume_hint, tune_storage, unavailable
 from .store import CorruptWeights, JobStore, delete_tree
 
 log = logging.getLogger("raytransfer.sweep")
@@ -180,7 +181,8 @@ def load_base_weights(registry: str, base_key: str, uri: str, storage: str):
 
 
 def _setup_error(e: BaseException, kind) -> str | None:
-    """The message of a TrialSetupError behind `e` (raised here, or in a Train worker), else None."""
+    """The message of a TrialSetupError behind `e` (raised here, in a Train worker's loop, or in its
+    start-up check: Ray Train's WorkerGroupError / ControllerError), else None."""
     seen, todo = set(), [e]
     while todo:
         x = todo.pop()
@@ -190,7 +192,8 @@ def _setup_error(e: BaseException, kind) -> str | None:
         if isinstance(x, kind) or type(x).__name__ == kind.__name__:
             text = str(x)
             return text.split(f"{kind.__name__}: ", 1)[-1].strip()
-        todo += [x.__cause__, x.__context__, *getattr(x, "worker_failures", {}).values()]
+        todo += [x.__cause__, x.__context__, getattr(x, "controller_failure", None),     # Train's worker start-up
+                 *(getattr(x, "worker_failures", None) or {}).values()]
     return None
 
 
@@ -202,10 +205,10 @@ def _run_under_train(config, spec, load_base):
     """The job as a TorchTrainer run named after its key, so a retried trial resumes its checkpoints.
     Train itself retries nothing (Tune does): one budget for the job."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ..hosts import load_state, train_fn_per_worker
+    from ..hosts import device_checked_torch_config, load_state, train_fn_per_worker
 
     loop_config = {"spec": spec, "cpus_per_worker": config["cpus_per_trial"], "load_base": load_base,
                    "checkpoint_minutes": config["checkpoint_minutes"]}
@@ -213,10 +216,10 @@ def _run_under_train(config, spec, load_base):
     resources = {"CPU": config["cpus_per_trial"], **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
         train_fn_per_worker, train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="gloo") if config.get("test_cluster") else None,
+        torch_config=device_checked_torch_config(),       # gloo where the workers train on the CPU (a test cluster)
         scaling_config=ray.train.ScalingConfig(num_workers=config["workers_per_trial"], use_gpu=gpus > 0,
                                                resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=_train_run_name(spec), storage_path=config["storage"],
+        run_config=ray.train.RunConfig(name=_train_run_name(spec), **run_storage(config["storage"]),
                                        callbacks=[TuneReportCallback()],
                                        failure_config=ray.train.FailureConfig(max_failures=0),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
@@ -266,15 +269,173 @@ def init_ray(args) -> str:
 
 
 def check_address(address: str | None):
-    """An unreachable Ray address fails now, with a clear message, not after a long timeout."""
+    """An --address that does not answer as Ray fails now, with one clear message, not after minutes of
+    retries: a host that does not resolve, a closed port, a port that is not Ray's GCS."""
     if not address or address in ("auto", "local") or address.startswith("ray://"):
         return
-    host, _, port = address.rpartition(":")
+    named, _, port = address.rpartition(":")
+    named = named or "127.0.0.1"
+    host = named.strip("[]")                        # [::1]:6379
     try:
-        socket.create_connection((host or "127.0.0.1", int(port or 6379)), timeout=5).close()
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError) as e:
+        raise SweepError(f"Ray address {address}: no host {host} ({e}): fix --address (the head node's IP:6379, or "
+                         "auto on the head itself)") from None
+    try:
+        socket.create_connection((host, int(port or 6379)), timeout=5).close()
     except (OSError, ValueError) as e:
         raise SweepError(f"Ray address {address} is unreachable ({e}): start the cluster (ray up / ray start --head) "
                          "or fix --address") from None
+    why = _not_ray(f"{named}:{int(port or 6379)}")
+    if why:          # ray.init would retry it for many minutes, logging "Failed to connect to GCS" each time
+        raise SweepError(f"Ray address {address} answers, but not as a Ray cluster ({why}): give the head's GCS "
+                         "address (IP:6379, the port of `ray start --head --port`; not the dashboard's 8265 or "
+                         "ray://...:10001) or fix --address") from None
+
+
+def _not_ray(address: str, timeout_s: float = 10.0) -> str | None:
+    """None when `address` answers a call of Ray's GCS (a refusal, e.g. of a missing auth token, is still
+    Ray answering), else what it did instead: no gRPC (an HTTP or other server), no answer in time, no GCS."""
+    import grpc
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    channel = init_grpc_channel(address)
+    try:
+        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(gcs_service_pb2.GetClusterIdRequest(),
+                                                                         timeout=timeout_s)
+    except grpc.RpcError as e:
+        code = e.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"no reply to a Ray call in {timeout_s:.0f} s"
+        if code == grpc.StatusCode.UNAVAILABLE:       # the port is open (checked): it does not speak gRPC
+            return f"no gRPC there: {(e.details() or '').rsplit(': ', 1)[-1][:200]}"
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return "a gRPC server without Ray's GCS"
+    finally:
+        channel.close()
+    return None
+
+
+class JobIndexKeeper(tune.Callback):
+    """Keeps the job store's index (index.py) current as records land, so `raytransfer status` reads one
+    file: at most every `every_s` seconds after a trial ended, and once when the sweep ends. Each refresh
+    lists the record folders and reads only the new records; a failure only logs (the index is a cache)."""
+
+    def __init__(self, storage: str, every_s: float = 30.0):
+        self.storage, self.every_s = storage, every_s
+        self.dirty, self.last = False, 0.0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.dirty = True
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.dirty = True
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.dirty and time.time() - self.last >= self.every_s:
+            self._refresh()
+
+    def on_experiment_end(self, trials, **info):
+        if self.dirty:
+            self._refresh()
+
+    def _refresh(self):
+        from .index import refresh
+
+        self.last = time.time()
+        try:
+            refresh(JobStore(self.storage))
+            self.dirty = False
+        except Exception as e:                       # a storage hiccup: the next refresh catches up
+            log.warning("job store index not refreshed: %s", e)
+
+
+def run_storage(storage: str) -> dict:
+    """Tune's / Train's RunConfig storage arguments: a URI through storage.py's patient filesystem
+    (it waits out a storage that stutters), a local folder as Ray opens it."""
+    path, fs = tune_storage(storage)
+    return {"storage_path": path, **({"storage_filesystem": fs} if fs is not None else {})}
+
+
+class StorageWatch(tune.Callback):
+    """Ends the Tune loop once this driver gave up on the storage (it did not answer for the whole wait
+    budget: Tune's snapshot, a heartbeat or a record read): the runner then says so, with --resume."""
+
+    def __init__(self, storage: str):
+        self.storage = storage
+
+    def on_step_end(self, iteration, trials, **info):
+        if unavailable(self.storage):
+            raise StorageUnavailable(resume_hint(self.storage))
+
+
+class RetryNotes(tune.Callback):
+    """What each retry of a trial was, in the job store: Tune does not count the death of a trial whose
+    node was preempted against `--max-failures` (Trial._handle_ray_actor_error: a RayActorError with
+    `preempted`, also as a task error's cause), so a recovery from such an error is noted as a preemption
+    on that attempt, and the job's record counts `preemptions` apart from `attempts`. The decision reads
+    the error Tune itself judged (the trial's pickled error), not a count: a trial that failed before it
+    ever started is a failure. A trial Tune gives up on gets a failed record with its last error, so the
+    summary and `status` say why (a rerun retries it). Ray Train trials (--workers-per-trial > 1) restart
+    after a preemption inside Train, unseen here."""
+
+    def __init__(self, storage: str):
+        self.storage = storage
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        key = trial.config.get("job_key", "")
+        if preempted_error(_trial_error(trial)):
+            log.warning("%s: its node was preempted; it restarts from its last checkpoint (not a failure: "
+                        "--max-failures is not spent)", key)
+            try:
+                JobStore(self.storage).note_preemption(key, _last_error_line(trial))
+            except Exception as e:                 # a note, never a reason to stop the sweep
+                log.warning("%s: its preemption was not noted in the job store (%s)", key, e)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        key = trial.config.get("job_key", "")
+        try:
+            store = JobStore(self.storage)
+            if store.read(key) is None and key not in store.failed():
+                reason = (f"{_last_error_line(trial) or 'its trial errored'} (after {len(store.attempts(key))} "
+                          f"attempt(s), {trial.run_metadata.num_failures} counted as failures; rerun the same "
+                          "command to retry it)")
+                store.write_failed(key, {"config": trial.config.get("spec"), "reason": reason, "metrics": {},
+                                         "attempts": len(store.attempts(key)), "finished_at": time.time()})
+        except Exception as e:
+            log.warning("%s: its failure was not recorded in the job store (%s)", key, e)
+
+
+def preempted_error(exc) -> bool:
+    """Tune's own rule for an error that does not spend --max-failures: an actor that died because its node
+    was preempted, directly or as a task error's cause (unless RAY_TRAIN_COUNT_PREEMPTION_AS_FAILURE=1)."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if isinstance(exc, RayTaskError):
+        exc = exc.as_instanceof_cause()
+    return (isinstance(exc, RayActorError) and bool(exc.preempted)
+            and not int(os.environ.get("RAY_TRAIN_COUNT_PREEMPTION_AS_FAILURE", "0")))
+
+
+def _trial_error(trial):
+    """The error Tune pickled beside the trial when it last failed (None when there is none)."""
+    import cloudpickle
+
+    try:
+        with open(trial.pickled_error_file, "rb") as f:
+            return cloudpickle.load(f)
+    except Exception:                               # no file, no path, an error class that does not load here
+        return None
+
+
+def _last_error_line(trial) -> str:
+    """The last line of a trial's error trace (Tune's error.txt beside the trial), '' if none."""
+    try:
+        lines = [l.strip() for l in Path(trial.local_path, "error.txt").read_text().splitlines() if l.strip()]
+        return lines[-1][:500] if lines else ""
+    except (OSError, TypeError):
+        return ""
 
 
 class TrialCleanup(tune.Callback):
@@ -399,6 +560,52 @@ def _storage_probe(marker: str, token: str) -> str | None:
     return None
 
 
+def check_dataset(jobs, types=()):
+    """--data must be the same prepared dataset, at the same path, on every node: a trial checks it at its
+    start (hosts.ensure_dataset) and fails its job, so a node without it would fail every job sent there.
+    Probed on the nodes alive now, before anything trains; a note for nodes an autoscaler adds later. The
+    built-in synthetic dataset needs no probe: a node that lacks it prepares it."""
+    specs = {j.spec["data_dir"]: j.spec for j in jobs if not j.spec.get("synthetic")}
+    if not specs:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.get_runtime_context().get_node_id()
+    for data_dir, spec in specs.items():
+        light = {"data_dir": data_dir, "dataset_fingerprint": spec.get("dataset_fingerprint")}
+        probes = [_dataset_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                                         ).remote(light) for n in nodes if n["NodeID"] != here]
+        answers = iter(ray.get(probes, timeout=120))           # the driver's node: read here, no task
+        whys = [_dataset_problem(light) if n["NodeID"] == here else next(answers) for n in nodes]
+        bad = [(n, why) for n, why in zip(nodes, whys) if why]
+        if bad:
+            (first, why), rest = bad[0], bad[1:]
+            also = f"; also {', '.join(_node_name(n) for n, _ in rest[:5])}" if rest else ""
+            raise SweepError(f"--data {data_dir} is not the prepared dataset on {len(bad)} of the cluster's "
+                             f"{len(nodes)} nodes, so every job sent there would fail: node {_node_name(first)} "
+                             f"{why}{also}")
+        if any(t.launchable for t in types):
+            print(f"[sweep] note: --data {data_dir} checked on the {len(nodes)} node(s) alive now; nodes the "
+                  "autoscaler adds later must hold the same betons at that path (docs/cluster.md: stage them in "
+                  "the setup commands), or their jobs fail with the reason", flush=True)
+
+
+def _node_name(node: dict) -> str:
+    return f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})"
+
+
+def _dataset_problem(spec: dict) -> str | None:
+    """On this node: what is wrong with the dataset there (hosts.dataset_problem), None if nothing."""
+    from ..hosts import dataset_problem
+
+    try:
+        return dataset_problem(spec)
+    except (OSError, ValueError) as e:           # an unreadable or garbled manifest
+        return f"cannot read the dataset at {spec['data_dir']}: {type(e).__name__}: {e}"
+
+
+_dataset_probe = ray.remote(num_cpus=0)(_dataset_problem)      # the same, on a node of the cluster
+
+
 def _filesystem_type(path: str) -> str | None:
     """The filesystem type of `path` from /proc/mounts (Linux), None when unknown."""
     try:
@@ -425,6 +632,7 @@ def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, ar
                            args.max_concurrent)
         args.cpus_per_trial = plan.cpus_per_worker        # None asked: from the node types (capacity.py)
         check_storage(storage, args)
+        check_dataset(jobs, types)
         get_or_create_registry(registry)
         todo = [j for j in jobs if j.key not in done]
         where = ", ".join(plan.fitting)
@@ -453,7 +661,9 @@ def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, ar
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         if args.resume:
-            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+            tune_path, fs = tune_storage(storage)
+            tuner = tune.Tuner.restore(f"{tune_path.rstrip('/')}/{exp_name}", trainable=trainable, resume_errored=True,
+                                       storage_filesystem=fs)
         else:
             searcher = DependencySearcher(jobs, done={k: r.get("weights_uri") or r.get("output_uri")
                                                       for k, r in done.items()},
@@ -465,8 +675,10 @@ def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, ar
                                             reuse_actors=plan.host == "process",
                                             trial_name_creator=lambda t: t.config["job_key"],
                                             trial_dirname_creator=lambda t: f"{t.config['job_key']}_{t.trial_id}"),
-                run_config=tune.RunConfig(name=exp_name, storage_path=storage, verbose=0,
-                                          callbacks=[progress, TrialCleanup(storage), *callbacks],
+                run_config=tune.RunConfig(name=exp_name, **run_storage(storage), verbose=0,
+                                          callbacks=[progress, TrialCleanup(storage), RetryNotes(storage),
+                                                     JobIndexKeeper(storage),
+                                                     StorageWatch(storage), *callbacks],
                                           failure_config=tune.FailureConfig(max_failures=args.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()
