@@ -652,8 +652,7 @@ def fit_sweep(jobs, done: dict, store: JobStore, storage: str, exp_name: str, ar
         trainable = tune.with_resources(run_job, job_resources(plan, args))
         constants = {"storage": storage, "host": plan.host, "cpus_per_trial": args.cpus_per_trial,
                      "gpus_per_trial": plan.gpus_per_worker, "workers_per_trial": args.workers_per_trial,
-                     "checkpoint_minutes": args.checkpoint_minutes, "registry": registry,
-                     "test_cluster": plan.test_cluster}
+                     "checkpoint_minutes": args.checkpoint_minutes, "registry": registry}
         progress = SweepProgress(len(jobs), len(jobs) - len(todo), plan.concurrency, store=store, dashboard=dashboard)
         exp_path = f"{storage.rstrip('/')}/{exp_name}"
         # Tune warns at every experiment snapshot of short trials; the snapshot is what makes --resume safe.
