@@ -269,9 +269,9 @@ def parse_level(text) -> float:
                          "decimal such as 0.5") from None
 
 
-def exact_levels(first: int, second: int) -> list[str]:
-    """Every level the two family sizes make exact, as fractions k/first with k <= second."""
-    return [_fraction(k, first) for k in range(min(first, second) + 1)]
+def level_fraction(split: Split) -> str:
+    """A graded split's level as the share of half A it swapped, in lowest terms: '0', '1/6', '1/2'."""
+    return _fraction(round((split.level or 0) * len(split.A)), len(split.A))
 
 
 def _fraction(k: int, total: int) -> str:
@@ -497,7 +497,7 @@ def run_split(args: argparse.Namespace) -> int:
         return 2
     path = split.save(args.out)
     seed = f" seed {split.seed}" if split.seed is not None else ""
-    seed += f" level {_fraction(round(split.level * len(split.A)), len(split.A))}" if split.level is not None else ""
+    seed += f" level {level_fraction(split)}" if split.level is not None else ""
     print(f"{split.kind} split of {split.dataset} ({split.rule}{seed}): "
           f"A {split.A_name} {len(split.A)} classes, B {split.B_name} {len(split.B)} classes")
     print(f"sha256 {split.sha256}")

@@ -32,7 +32,7 @@ from pathlib import Path
 from .errors import SweepError
 from ..recipes import Recipe, reduced_recipe
 from ..splits import (WNID, Split, SplitError, dissimilar_split, graded_split, half_classes, is_imagenet_1k,
-                      parse_level, similar_split, validate_split)
+                      level_fraction, parse_level, similar_split, validate_split)
 
 TREATMENTS = ("AnB", "BnB", "AnB+", "BnB+", "random_frozen", "scratch")
 ALL_TREATMENTS = ("netbase", "baseA", "baseB") + TREATMENTS + ("reduced_k",)
@@ -219,10 +219,7 @@ def split_id(split: Split) -> str:
 
 def level_name(split: Split) -> str:
     """A graded split's level as it reads in labels and keys: '0', '1of6', '1of2'."""
-    from math import gcd
-    swapped, total = round((split.level or 0) * len(split.A)), len(split.A)
-    g = gcd(swapped, total) or 1
-    return "0" if not swapped else f"{swapped // g}of{total // g}"
+    return level_fraction(split).replace("/", "of")
 
 
 def build_jobs(axes: list[dict], dataset: Dataset, recipe: Recipe, reduced_k=()) -> tuple[list[Job], dict]:
