@@ -40,6 +40,16 @@ PINNED_SLOTS = 3               # host batches in flight: one being gathered, one
 
 
 @dataclass(frozen=True)
+class Batch:
+    """One batch of a loader: the images (None where left out), labels 0..k-1 on the device, and what picked
+    them: positions in the half and crop parameters (None for a loader that does not say, FFCV's)."""
+    images: torch.Tensor | None
+    labels: torch.Tensor
+    index: torch.Tensor | None = None
+    params: tuple | None = None
+
+
+@dataclass(frozen=True)
 class Augment:
     """Train-time crop of a `side` px stored image. 'paper': a random `window` square + mirror, resized to
     `size` where window != size; 'rrc': a random-resized crop (area `min_scale`..1 of the image, aspect
@@ -81,7 +91,6 @@ class StoreLoader:
             raise ValueError(f"crop {augment} does not fit {self.side} px stored images")
         self.num_samples = len(self.ids)
         self.resident = None                        # the half's uint8 pixels on the GPU, once held there
-        self.lookup = self.fixed = None             # precompute(): f(input) of every input, by crop
         self.iterations = 0
         self._mean = torch.tensor(normalise.mean, dtype=torch.float32).view(1, 3, 1, 1) if normalise.mean else None
         self._std = torch.tensor(normalise.std, dtype=torch.float32).view(1, 3, 1, 1) if normalise.std else None
@@ -107,47 +116,71 @@ class StoreLoader:
             return 1
         return self._shifts() ** 2 * 2 if self.augment.kind == "paper" else math.inf
 
-    def precompute(self, f, chunk: int = EVAL_BATCH):
-        """From now on yield f(input) in place of each input, f computed once for every input this loader can
-        yield (each image at each crop offset and mirror); the batches stay those of the same seeded draws."""
+    def table(self, f, chunk: int = EVAL_BATCH):
+        """f of every input this loader can yield, computed once (each image at each crop offset and mirror for
+        training: a [top, left, mirror, position] table; the centre crop of each position for validation), in
+        chunks of `chunk` images. `look_up(table, batch)` then gives f(batch's inputs) for any batch of
+        `stream()`: the same seeded draws, nothing computed at train time (frozen_prefix.py). Where f returns a
+        dict of tensors (a trunk's outputs at several cuts, one pass), so does this: a table each."""
         count = len(self.ids)
+        many = None
+
+        def parts(out):
+            nonlocal many
+            many = isinstance(out, dict) if many is None else many
+            return out if many else {None: out}
+
         if not self.train:
-            self.fixed = torch.cat([f(self._batch(torch.arange(s, min(count, s + chunk)), self._centre(min(chunk, count - s))))
-                                    for s in range(0, count, chunk)])
-            return
+            chunks = [parts(f(self._batch(torch.arange(s, min(count, s + chunk)), self._centre(min(chunk, count - s)))))
+                      for s in range(0, count, chunk)]
+            tables = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+            return tables if many else tables[None]
         if self.augment.kind != "paper":
             raise ValueError("random-resized crops are not a finite set of inputs: nothing to precompute")
-        shifts, lookup = self._shifts(), None
+        shifts, tables = self._shifts(), {}
         for top, left, mirror in itertools.product(range(shifts), range(shifts), (0, 1)):
             for start in range(0, count, chunk):
                 index = torch.arange(start, min(count, start + chunk))
                 at = lambda v: torch.full((len(index),), v)
-                out = f(self._batch(index, (at(top), at(left), at(mirror).bool())))
-                if lookup is None:
-                    lookup = torch.empty((shifts, shifts, 2, count) + out.shape[1:], dtype=out.dtype, device=out.device)
-                lookup[top, left, mirror, start:start + len(index)] = out
-        self.lookup = lookup
+                for k, out in parts(f(self._batch(index, (at(top), at(left), at(mirror).bool())))).items():
+                    if k not in tables:
+                        tables[k] = torch.empty((shifts, shifts, 2, count) + out.shape[1:], dtype=out.dtype,
+                                                device=out.device)
+                    tables[k][top, left, mirror, start:start + len(index)] = out
+        return tables if many else tables[None]
+
+    def look_up(self, table: torch.Tensor, batch: "Batch") -> torch.Tensor:
+        """The rows of `table` (from `table()`) for the inputs of `batch`."""
+        if not self.train:
+            return table[batch.index].to(self.device)
+        top, left, mirror = batch.params
+        return table[top, left, mirror.long(), batch.index]
 
     def __iter__(self):
+        for batch in self.stream():
+            yield batch.images, batch.labels
+
+    def stream(self, images: bool = True):
+        """This epoch's batches with what picked them (positions in the half, crop parameters), for tables of
+        precomputed inputs (`look_up`); `images=False` leaves the pixels out (every reader looks its input up)."""
         self._maybe_hold_on_device()
         self.iterations += 1
         if not self.train:
             for start in range(0, len(self.ids), self.batch_size):
                 index = torch.arange(start, min(len(self.ids), start + self.batch_size))
-                if self.fixed is not None:
-                    yield self.fixed[start:start + len(index)].to(self.device), self.labels[index].to(self.device)
-                    continue
-                yield self._batch(index, self._centre(len(index))), self.labels[index].to(self.device)
+                params = self._centre(len(index))
+                yield Batch(self._batch(index, params) if images else None, self.labels[index].to(self.device),
+                            index, params)
             return
-        plan = self._plan()
-        if self.lookup is not None:
-            for index, (top, left, mirror) in plan:
-                yield self.lookup[top, left, mirror.long(), index], self.labels[index].to(self.device)
+        plan = list(self._plan())
+        if not images:
+            for index, params in plan:
+                yield Batch(None, self.labels[index].to(self.device), index, params)
             return
-        plan = list(plan)
         on_device = self._plan_on_device(plan)
-        for whole, (_, params, labels) in zip(self._gathered(plan, on_device), on_device):
-            yield self._transform(whole, params), labels
+        for whole, (index, params), (_, params_on_device, labels) in zip(self._gathered(plan, on_device), plan,
+                                                                          on_device):
+            yield Batch(self._transform(whole, params_on_device), labels, index, params)
 
     def _plan_on_device(self, plan):
         """(index, params, labels) of each batch on the device, copied in one transfer an epoch (a per-batch

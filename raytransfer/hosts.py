@@ -16,13 +16,14 @@ the final weights (the summary is also the per-worker function's return value).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .trial import run_trial
+from .trial import build_cohort, train_cohort
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +193,13 @@ def dataset_problem(spec: dict, manifest: dict | None = None) -> str | None:
 
 class Checkpointer:
     """When a report carries a checkpoint: every `minutes` of training (0: every report) and after the
-    last step (or epoch). Counts what it writes, for the job's record."""
+    last step (or epoch). Counts what it writes, for each job's record: a cohort's checkpoint holds every
+    member, and each member is counted its own part of it (its weights and optimizer state)."""
 
     def __init__(self, minutes: float):
         import time
         self.every_s, self.clock = minutes * 60, time.monotonic
-        self.last, self.count, self.bytes = self.clock(), 0, 0
+        self.last, self.count, self.bytes, self.parts = self.clock(), 0, 0, {}
 
     def due(self, metrics: dict) -> bool:
         if metrics.get("total_steps") is not None:    # the loop's records: the last is the last step's
@@ -208,11 +210,28 @@ class Checkpointer:
 
     def save(self, state: dict, directory) -> Path:
         path = save_state(state, directory)
-        self.last, self.count, self.bytes = self.clock(), self.count + 1, self.bytes + path.stat().st_size
+        size = path.stat().st_size
+        self.last, self.count, self.bytes = self.clock(), self.count + 1, self.bytes + size
+        members = {k: _nbytes(v) for k, v in state.get("members", {}).items()}
+        for k, b in members.items():
+            self.parts[k] = self.parts.get(k, 0) + size * b / max(1, sum(members.values()))
         return path
 
-    def note(self) -> dict:
-        return {"checkpoints_written": self.count, "checkpoint_bytes": self.bytes}
+    def note(self, key: str | None = None) -> dict:
+        """What was written: in all, or a member's part (`key`)."""
+        written = self.bytes if key is None else round(self.parts.get(key, 0))
+        return {"checkpoints_written": self.count, "checkpoint_bytes": written}
+
+
+def _nbytes(value) -> int:
+    """Bytes of the tensors in a (nested) state."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def show_progress():
@@ -226,36 +245,73 @@ def show_progress():
     logger.setLevel(logging.INFO)
 
 
-def run_in_tune_process(spec: dict, load_base=None, num_threads: int = 1, checkpoint_minutes: float = 10.0) -> dict:
-    """Host 1: the loop inside the Tune trial's own process (one worker: CPU, or the GPU Tune gave it).
-    `load_base()` returns (base weights, where they came from); the sweep hands it in."""
+def cohort_report(records: dict) -> dict:
+    """One Tune report of a cohort's record: its first member's metrics as they are (a cohort of one reports
+    like a lone net), every member's in `records` (JSON: {job key: metrics}; the driver's callbacks split it)."""
+    first = next(iter(records.values()))
+    return {**first, "records": json.dumps(records)}
+
+
+def final_report(summaries: dict) -> dict:
+    """The scalar final report of a cohort: its first member's summary metrics, and every member's in
+    `summaries` (JSON)."""
+    scalars = {k: summary_metrics(s) for k, s in summaries.items()}
+    return {**next(iter(scalars.values())), "summaries": json.dumps(scalars, default=str)}
+
+
+def _note_deferred(report, deferred: list):
+    """Tell the driver at once which members this trial handed back (they did not fit its memory): the searcher
+    releases them to another trial (a report that carries no record)."""
+    if deferred:
+        report({"deferred": json.dumps(deferred), "val_top1": float("nan")})
+
+
+def run_in_tune_process(specs: list[dict], load_bases=None, num_threads: int = 1, checkpoint_minutes: float = 10.0,
+                        start=None) -> dict:
+    """Host 1: the cohort's loop inside the Tune trial's own process (one worker: CPU, or the GPU Tune gave it).
+    `load_bases()` returns ({job key: its base's weights}, {job key: where they came from}); `start(cohort,
+    resume)` returns the keys this trial trains (the sweep's: the memory split, attempts counted); the sweep
+    hands both in. Returns {"members": {job key: summary}, "deferred": [job keys handed back]}."""
     import ray.tune
 
     show_progress()
     torch.set_num_threads(num_threads)
     held = gpus_held()
     device = training_device(held)
-    ensure_dataset(spec)
-    base_state, via = load_base() if load_base else (None, None)
-    resume, note = resume_state(ray.tune.get_checkpoint(), spec["job_key"])
+    ensure_dataset(specs[0])
+    bases, via = load_bases() if load_bases else ({}, {})
+    cohort = build_cohort(specs, device, bases, num_workers=num_threads)
+    resume, note = resume_state(ray.tune.get_checkpoint(), cohort_name(cohort.keys()))
+    kept = start(cohort, resume) if start is not None else cohort.keys()
+    deferred = [k for k in cohort.keys() if k not in kept]
+    cohort.keep(kept)
+    _note_deferred(ray.tune.report, deferred)
     ckpt = Checkpointer(checkpoint_minutes)
 
-    def report(metrics, state):
-        export_metrics(spec, metrics)
+    def report(records, state):
+        for key, metrics in records.items():
+            export_metrics(cohort.specs[key], metrics)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
-            if ckpt.due(metrics):
+            if any(ckpt.due(m) for m in records.values()):
                 ckpt.save(state, d)
                 checkpoint = ray.tune.Checkpoint.from_directory(d)
-            ray.tune.report(metrics, checkpoint=checkpoint)
+            ray.tune.report(cohort_report(records), checkpoint=checkpoint)
 
-    summary = run_trial(spec, device, base_state, report, resume, num_workers=num_threads)
-    return {**summary, **note, **ckpt.note(), "base_weights_via": via, "node_id": node_id(), "gpus_held": held,
-            "device": str(device)}
+    summaries = train_cohort(cohort, report, resume)
+    where = {"node_id": node_id(), "gpus_held": held, "device": str(device), **note}
+    return {"members": {k: {**s, **where, **ckpt.note(k), "base_weights_via": via.get(k)} for k, s in summaries.items()},
+            "deferred": deferred}
 
 
-def resume_state(ckpt, job_key: str) -> tuple[dict | None, dict]:
-    """The state to resume from (None: from scratch) and a note for the job's record.
+def cohort_name(keys) -> str:
+    """A cohort as logs and the dashboard name it: its one job's key, or the first key and how many more."""
+    keys = list(keys)
+    return keys[0] if len(keys) == 1 else f"{keys[0]} +{len(keys) - 1} more"
+
+
+def resume_state(ckpt, name: str) -> tuple[dict | None, dict]:
+    """The state to resume from (None: from scratch) and a note for the jobs' records.
 
     A checkpoint that cannot be read is skipped with a warning, so the trial restarts from scratch
     instead of failing on every retry and every --resume.
@@ -266,58 +322,73 @@ def resume_state(ckpt, job_key: str) -> tuple[dict | None, dict]:
         with ckpt.as_directory() as d:
             state = load_state(d)
     except CheckpointError as e:
-        log.warning("%s: %s -- restarting this trial from scratch", job_key, e)
+        log.warning("%s: %s -- restarting this trial from scratch", name, e)
         return None, {"resumed_from_epoch": None, "discarded_checkpoint": str(e)}
     return state, {"resumed_from_epoch": int(state["epoch"])}
 
 
 def train_fn_per_worker(config: dict):
-    """Host 2: Ray Train's per-worker function (DDP over the TorchTrainer's workers). Each worker reads
-    the base weights itself through `config["load_base"]` (the object store: once per node)."""
+    """Host 2: Ray Train's per-worker function (DDP over the TorchTrainer's workers), for a cohort
+    (`config["specs"]`). Each worker reads the base weights itself through `config["load_bases"]` (the object
+    store: once per node); rank 0 runs `config["start"]` (the sweep's: which members, attempts counted) and
+    every rank takes its answer. The last report carries the summaries (`final_report`) and a checkpoint of
+    the final state, so `result.metrics` is the summary and `result.checkpoint` every member's weights."""
     import ray.train
     import ray.train.torch
 
-    spec = config["spec"]
+    specs = config["specs"]
     show_progress()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     held = gpus_held()
     device = ray.train.torch.get_device() if held > 0 and torch.cuda.is_available() else training_device(held)
-    ensure_dataset(spec)
-    load_base = config.get("load_base")
-    base_state, via = load_base() if load_base else (None, None)
-    resume, note = resume_state(ray.train.get_checkpoint(), spec["job_key"])
+    ensure_dataset(specs[0])
+    load_bases = config.get("load_bases")
+    bases, via = load_bases() if load_bases else ({}, {})
     threads = max(1, int(config.get("cpus_per_worker", 1)))
     torch.set_num_threads(threads)
+    # prepare_model moves the model to Ray's device (CUDA for a worker holding a GPU): give it ours
+    wrap = functools.partial(ray.train.torch.prepare_model, move_to_device=device) if world > 1 else None
+    cohort = build_cohort(specs, device, bases, distributed=world > 1, wrap_model=wrap, num_workers=threads)
+    resume, note = resume_state(ray.train.get_checkpoint(), cohort_name(cohort.keys()))
+    start = config.get("start")
+    kept = [start(cohort, resume) if start is not None and rank == 0 else cohort.keys()]
+    if world > 1:
+        torch.distributed.broadcast_object_list(kept, src=0)
+    kept = kept[0]
+    deferred = [k for k in cohort.keys() if k not in kept]
+    cohort.keep(kept)
+    _note_deferred(ray.train.report, deferred)
     ckpt = Checkpointer(config.get("checkpoint_minutes", 10.0))
     last = {"state": resume}
 
-    def report(metrics, state, force=False):
+    def report(records, state, final=None):
+        """A record of the loop ({job key: metrics}), or with `final` the summaries and the final state."""
         last["state"] = state
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
-            due = force or ckpt.due(metrics)
+            due = final is not None or any(ckpt.due(m) for m in records.values())
             if rank == 0:
-                export_metrics(spec, metrics)
+                for key, metrics in records.items():
+                    export_metrics(cohort.specs[key], metrics)
                 if due:
                     ckpt.save(state, d)
                     checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report(final if final is not None else cohort_report(records), checkpoint=checkpoint)
 
-    # prepare_model moves the model to Ray's device (CUDA for a worker holding a GPU): give it ours
-    wrap = functools.partial(ray.train.torch.prepare_model, move_to_device=device) if world > 1 else None
-    summary = run_trial(spec, device, base_state, report, resume, distributed=world > 1, wrap_model=wrap,
-                        num_workers=threads)
+    summaries = train_cohort(cohort, report, resume)
     total_gpus = held
     if world > 1:                                      # GPUs held by the whole worker group
         t = torch.tensor([held], dtype=torch.float64)
         torch.distributed.all_reduce(t)
         total_gpus = float(t.item())
+    where = {**note, "node_id": node_id(), "gpus_held": total_gpus, "device": str(device)}
     # The summary goes out with a checkpoint of the final state: in Ray 2.60 `Result.metrics` holds the
     # metrics of the latest *checkpointed* report, so a summary reported alone never reached it.
-    final = summary_metrics({**summary, **note, **ckpt.note(), "base_weights_via": via, "node_id": node_id(),
-                             "gpus_held": total_gpus, "device": str(device)})
-    report(final, last["state"], force=True)
+    final = final_report({k: {**s, **where, **ckpt.note(k), "base_weights_via": via.get(k)}
+                          for k, s in summaries.items()})
+    final["deferred"] = json.dumps(deferred)
+    report({}, last["state"], final=final)
     return final
 
 

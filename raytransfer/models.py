@@ -64,6 +64,11 @@ class TransferableNet(nn.Module):
         first n are a transfer's frozen prefix (computed once per input: frozen_prefix.py), the rest its trained part."""
         raise NotImplementedError
 
+    def stochastic_stages(self) -> list[int]:
+        """Indices of the stages that draw at random in training mode (a dropout), frozen or not: a frozen
+        prefix is shared between nets (frozen_prefix.py) only up to the first of them."""
+        return []
+
     def run_stages(self, x, start: int = 0, stop: int | None = None):
         for stage in self.stages()[start:stop]:
             x = stage(x)
@@ -172,6 +177,9 @@ class CaffeNet(TransferableNet):
                 lambda x: layer("fc6", x),
                 lambda x: layer("fc7", self.drop6(x)),             # dropout on fc6's output, on even when fc6 is
                 lambda x: self.fc8(self.drop7(x))]                  # frozen (the paper); fc7's likewise
+
+    def stochastic_stages(self) -> list[int]:
+        return [i for i, drop in ((6, self.drop6), (7, self.drop7)) if drop.p > 0]
 
     def forward(self, x):
         return self.run_stages(x)

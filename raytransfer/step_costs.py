@@ -72,3 +72,21 @@ def relative_cost(treatment, n: int | None = None, speed: StepSpeed | None = Non
         raise ValueError(f"frozen_layers={frozen_layers!r}: must be one of {sorted(ratios)} "
                          "(0 for base, scratch and fine-tuned nets; n for frozen AnB/BnB/random-frozen)")
     return ratios[frozen_layers]
+
+
+def forward_share(n: int, speed: StepSpeed | None = None) -> float:
+    """The forward pass of layers 1..n as a share of a base step, from the measured frozen-n cost and one
+    assumption no measurement here separates: a layer's backward pass costs twice its forward. Then a frozen-n
+    step is F(1..n) + 3 F(n+1..) and a base step 3 F(all) = 1, so F(1..n) = (1 - frozen(n)) / 2."""
+    return (1 - relative_cost(n, speed=speed)) / 2
+
+
+def cohort_cost(trunks: dict, others: int, speed: StepSpeed | None = None) -> float:
+    """One step of a cohort, in base steps: `others` nets that train every layer (1 each), and per shared frozen
+    trunk ({trunk: [n of each frozen member]}) its forward pass once, to the deepest n, plus each frozen member's
+    own part (its frozen-n cost less the forward of its frozen layers)."""
+    cost = float(others)
+    for ns in trunks.values():
+        cost += forward_share(max(ns), speed) + sum(relative_cost(n, speed=speed) - forward_share(n, speed)
+                                                    for n in ns)
+    return cost

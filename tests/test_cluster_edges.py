@@ -57,7 +57,7 @@ def test_a_dataset_every_node_holds_passes_with_a_note_for_nodes_added_later(clu
     """On a cluster whose autoscaler can launch more nodes the probe passes for the nodes alive now and
     says what nodes added later need; the built-in synthetic dataset is not probed (each node prepares it)."""
     from raytransfer.sweep.capacity import NodeType
-    from raytransfer.sweep.tuning import check_dataset
+    from raytransfer.sweep.node_checks import check_dataset
 
     data, manifest = synthetic_dataset
     jobs = [SimpleNamespace(spec={"data_dir": str(data), "dataset_fingerprint": manifest["fingerprint"],

@@ -31,6 +31,9 @@ from test_autoscaling import HEAD_ID, nodes, started, submit
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "sweeps/full_paper.py --scale smoke --splits similar --n 1 --treatments AnB --no-report --address auto"
+# a fault strikes a base caught after its second checkpoint (epoch 2 of 6): the seconds a preemption waits past
+# its drain's deadline never outlast the base (with the smoke recipe's 3 epochs one sometimes finished first)
+SLOWER = "--set epochs=6"
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +97,13 @@ def test_ray_train_trials_run_across_autoscaled_gpu_workers_on_the_cpu(cluster, 
 
 
 def trial_process(cluster, key: str) -> psutil.Process | None:
-    """The process of job `key`'s trial: a process of this cluster whose working dir is its trial folder."""
+    """The process of the trial whose first job is `key`: a process of this cluster whose working dir is that
+    trial's folder (<key>[+<more jobs>]_<trial id>)."""
     for pid in cluster.processes():
         try:
             p = psutil.Process(pid)
-            if os.path.basename(p.cwd()).startswith(key + "_"):
+            name = os.path.basename(p.cwd())
+            if name.startswith(key) and name[len(key):len(key) + 1] in ("_", "+"):
                 return p
         except psutil.Error:
             continue
@@ -109,7 +114,7 @@ def checkpointed_base(out) -> str | None:
     """A base whose trial Tune has a checkpoint of (its second exists: the first is then Tune's), not done."""
     done = set(records(out))
     for c in Path(out).glob("tune-*/*/checkpoint_*"):
-        key = c.parent.name.rsplit("_", 1)[0]
+        key = c.parent.name.rsplit("_", 1)[0].split("+")[0]
         if "-base" in key and int(c.name.rsplit("_", 1)[1]) >= 1 and key not in done:
             return key
     return None
@@ -142,6 +147,7 @@ def catch_a_base_training(cluster, out, then):
         node = attempts(out, key)[-1]["node_id"]
         assert node != HEAD_ID
         happened.update(key=key, node=node, at=time.time(), **then(key, proc, node))
+        happened["finished_first"] = key in records(out)         # a fault too late hits nothing of the base
     return hook, happened
 
 
@@ -150,8 +156,9 @@ def sweep_through_a_fault(cluster, cache, out, fault, flags) -> tuple[str, dict,
     checkpoint: (logs, what the fault returned and where, records) once every job is done and the caught base
     has resumed from its last checkpoint."""
     hook, caught = catch_a_base_training(cluster, out, fault)
-    logs, _ = run_job(cluster, cache, out, flags, during=hook)
+    logs, _ = run_job(cluster, cache, out, f"{flags} {SLOWER}", during=hook)
     assert caught, "no base trial was caught training with a checkpoint"
+    assert not caught["finished_first"], f"{caught['key']} finished before the fault: it came too late"
     recs, table = records(out), pd.read_csv(out / "results.csv")
     assert len(recs) == len(table) == 3 and (table.status == "done").all()
     assert recs[caught["key"]]["metrics"]["resumed_from_epoch"] is not None     # from its last checkpoint
@@ -284,7 +291,7 @@ def test_retry_notes_tell_a_preemption_from_a_failure_by_the_error_tune_judged(t
 
     from raytransfer.sweep.status import restarts
     from raytransfer.sweep.store import JobStore
-    from raytransfer.sweep.tuning import RetryNotes
+    from raytransfer.sweep.retries import RetryNotes
 
     store, notes = JobStore(str(tmp_path)), RetryNotes(str(tmp_path))
     (tmp_path / "trial").mkdir()
@@ -321,7 +328,7 @@ def test_a_setup_error_in_ray_trains_worker_start_up_is_found():
     from ray.train import ControllerError
 
     from raytransfer.hosts import TrialSetupError
-    from raytransfer.sweep.tuning import _setup_error
+    from raytransfer.sweep.trainable import _setup_error
 
     assert _setup_error(ControllerError(TrialSetupError("no CUDA on node n1")), TrialSetupError) == "no CUDA on node n1"
     assert _setup_error(ControllerError(ValueError("ProcessGroupNCCL ...")), TrialSetupError) is None

@@ -100,17 +100,19 @@ def test_a_base_is_released_once_every_dependent_has_ended():
 
 
 def test_failed_jobs_are_recorded_apart_and_never_done_rows(tmp_path):
+    from raytransfer.sweep.outcomes import record_outcome
     from raytransfer.sweep.results import write_results
+    from raytransfer.sweep.settings import TrialSettings
     from raytransfer.sweep.store import JobStore
-    from raytransfer.sweep.tuning import record_outcome
 
     store = JobStore(str(tmp_path))
     spec = {"treatment": "AnB", "job_key": "k", "recipe": {"arch": "caffenet", "name": "smoke"}}
-    config = {"host": "process", "registry": "none", "storage": str(tmp_path)}
+    trial = TrialSettings(str(tmp_path), "process", 1.0, 0.0, 1, 10.0, "none")
     summary = {"state_dict": {"w": torch.zeros(2)}, "frozen_check": False, "frozen_mismatched": ["conv1.weight"],
                "top1_final": 0.9, "node_id": "n1", "gpus_held": 1.0}
-    report = record_outcome(store, "k", spec, summary, config, started=0.0, attempt=1)
-    assert report["failed"] and "weights_uri" not in report and "conv1.weight" in report["failure_reason"]
+    store.count_attempt("k", {"node_id": "n1"})
+    outcome = record_outcome(store, "k", spec, summary, trial, started=0.0)
+    assert "weights_uri" not in outcome and "conv1.weight" in outcome["failure_reason"]
     assert store.read("k") is None and "frozen layers changed" in store.failed()["k"]["reason"]
     assert not (tmp_path / "jobstore" / "weights" / "k").exists()
 
@@ -122,8 +124,9 @@ def test_failed_jobs_are_recorded_apart_and_never_done_rows(tmp_path):
     assert len(done) == 0 and list(table.status) == ["failed"] and "frozen" in table.reason[0]
 
     summary["frozen_check"] = True                                  # the rerun succeeds: the failure goes
-    report = record_outcome(store, "k", spec, summary, config, started=0.0, attempt=2)
-    assert report["weights_uri"] and store.read("k")["attempts"] == 2 and store.failed() == {}
+    store.count_attempt("k", {"node_id": "n1"})
+    outcome = record_outcome(store, "k", spec, summary, trial, started=0.0)
+    assert outcome["weights_uri"] and store.read("k")["attempts"] == 2 and store.failed() == {}
 
 
 def test_attempts_are_counted_across_restarts(tmp_path):
@@ -158,7 +161,7 @@ def test_a_setup_error_inside_a_train_worker_failure_is_found():
     from ray.train import WorkerGroupError
 
     from raytransfer.hosts import TrialSetupError
-    from raytransfer.sweep.tuning import _setup_error
+    from raytransfer.sweep.trainable import _setup_error
 
     inner = TrialSetupError("node n1 holds another dataset at /d")
     wrapped = WorkerGroupError("rank 0 failed", {0: RuntimeError("x"), 1: inner})
@@ -250,7 +253,8 @@ def test_the_estimate_uses_the_recipes_own_step_speed_and_says_what_it_assumes(c
     assert relative_cost("BnB", 7, step_speed(fast)) == pytest.approx(23_164 / 59_684)
     monkeypatch.setattr(estimate, "_train_images_per_class", lambda dataset: 1300)
     job = lambda t, n: SimpleNamespace(key=f"{t}{n}", is_diagnostic=False, k=0, treatment=t, n=n,
-                                       spec={"recipe": paper.to_dict(), "target_classes": list(range(500))})
+                                       base_key="A" if t.startswith("AnB") else None,
+                                       spec={"recipe": paper.to_dict(), "target_classes": list(range(500)), "seed": 0})
     estimate.print_estimate([job("baseA", 0), job("AnB", 7), job("AnB+", 7)], {}, paper, None)
     out = capsys.readouterr().out
     hours = 450_000 * 256 / 12_600 / 3600 * (2 + 0.65 / 1.77)

@@ -108,7 +108,13 @@ def trial_dirs(out) -> list[Path]:
 
 
 def job_of(trial_dir: Path) -> str:
-    return trial_dir.name.rsplit("_", 1)[0]                    # <job key>_<trial id>
+    return trial_dir.name.rsplit("_", 1)[0].split("+")[0]      # <first job key>[+<more jobs>]_<trial id>
+
+
+def trial_jobs(trial_dir: Path) -> list[str]:
+    """The jobs of a trial (its cohort), from the config Tune wrote into its folder."""
+    config = json.loads((trial_dir / "params.json").read_text())
+    return [j["job_key"] for j in config["jobs"]]
 
 
 def new_checkpointed(out, old: set) -> list[str]:
@@ -124,10 +130,12 @@ def new_checkpointed(out, old: set) -> list[str]:
 
 
 def trial_process(key: str) -> psutil.Process | None:
-    """The process of job `key`'s trial: a process of this test's cluster whose working dir is its trial's."""
+    """The process of the trial whose first job is `key`: a process of this test's cluster whose working dir is
+    that trial's folder (<key>[+<more jobs>]_<trial id>)."""
     for p in psutil.Process().children(recursive=True):
         try:
-            if os.path.basename(p.cwd()).startswith(key + "_"):
+            name = os.path.basename(p.cwd())
+            if name.startswith(key) and name[len(key):len(key) + 1] in ("_", "+"):
                 return p
         except psutil.Error:
             continue
@@ -176,24 +184,31 @@ def baseline(cluster, env, tmp_path_factory) -> Path:
     return out
 
 
-def test_a_killed_trial_process_retries_from_its_checkpoint(cluster, env, baseline, tmp_path):
+def test_a_killed_cohort_trial_retries_every_member_from_its_checkpoint(cluster, env, baseline, tmp_path):
+    """Two new jobs of one stream (AnB n = 2 and 3 onto half B, base A done): one cohort trial. Killed mid-way,
+    it resumes both members from the checkpoint that holds them; each counts the retry as an attempt."""
     out, before, before_rows = copy_of(baseline, tmp_path)
-    proc, log = start(env, cluster, out, "--n", "1,2")              # one new job: AnB n=2
+    proc, log = start(env, cluster, out, "--n", "1,2,3",            # two new jobs: AnB n=2, n=3; one slot, so
+                      "--max-concurrent", "1")                      # they are not spread over two trials
     try:
-        key = wait_for("a checkpoint of the new job", lambda: new_checkpointed(out, set(before)), proc, every=0.05)[0]
+        key = wait_for("a checkpoint of the new jobs", lambda: new_checkpointed(out, set(before)), proc, every=0.05)[0]
+        folder = next(d for d in trial_dirs(out) if job_of(d) == key)
+        members = trial_jobs(folder)
         victim = wait_for("its trial process", lambda: trial_process(key), proc)
         victim.kill()                                               # SIGKILL, mid-trial
-        assert key not in records(out), "the job finished before its process was killed"
+        assert not set(members) & set(records(out)), "the jobs finished before their process was killed"
     except BaseException:
         proc.kill()
         raise
     text = finish(proc, log)
-    recs = check_complete(out, 4, before, before_rows)
-    m = recs[key]["metrics"]
-    assert m["resumed_from_epoch"] is not None and m["resumed_from_epoch"] >= 0, m   # not from scratch
-    assert [e["epoch"] for e in m["epoch_log"]] == list(range(m["epochs"]))          # every epoch once
-    assert recs[key]["attempts"] == 2                               # the retry counts against --max-failures
-    assert "4/4 jobs done" in text
+    recs = check_complete(out, 5, before, before_rows)
+    assert len(members) == 2 and all(recs[k]["cohort_size"] == 2 for k in members)
+    for k in members:
+        m = recs[k]["metrics"]
+        assert m["resumed_from_epoch"] is not None and m["resumed_from_epoch"] >= 0, m   # not from scratch
+        assert [e["epoch"] for e in m["epoch_log"]] == list(range(m["epochs"]))          # every epoch once
+        assert recs[k]["attempts"] == 2                             # the retry counts against --max-failures
+    assert "5/5 jobs done" in text
 
 
 def test_b_removed_worker_node_moves_its_trial_and_the_sweep_completes(cluster, env, baseline, tmp_path):

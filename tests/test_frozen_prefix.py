@@ -1,10 +1,13 @@
 """A frozen net's layers 1..n computed once per input (raytransfer/frozen_prefix.py) train the same net as
-the plain path, step for step; nets where the inputs are not a fixed finite set take the plain path."""
+those layers run at every step; nets where the inputs are not a fixed finite set run them every step (once per
+batch for a whole cohort), and only up to a stage that draws at random."""
 import pytest
 import torch
 
+import raytransfer.frozen_prefix as frozen_prefix
 import raytransfer.trial as trial
-from raytransfer.frozen_prefix import Suffix, frozen_prefix, why_not
+from raytransfer.frozen_prefix import Suffix, plan_inputs, shared_depth, why_not
+from raytransfer.loop import Member
 from raytransfer.loaders import CropSpec, build_half_loaders
 from raytransfer.models import build_model
 from raytransfer.prepare import prepare
@@ -49,21 +52,22 @@ def base(dataset):
 
 
 @pytest.mark.parametrize("treatment,n", [("BnB", 7), ("BnB", 3), ("AnB", 1), ("random_frozen", 5)])
-def test_looked_up_prefix_trains_the_same_net_as_the_plain_path(dataset, base, monkeypatch, treatment, n):
-    used = []
-    real = trial.frozen_prefix
-    monkeypatch.setattr(trial, "frozen_prefix", lambda *a: used.append(real(*a)) or used[-1])
+def test_looked_up_prefix_trains_the_same_net_as_the_prefix_run_every_step(dataset, base, monkeypatch, treatment, n):
+    plans = []
+    real = trial.plan_inputs
+    monkeypatch.setattr(trial, "plan_inputs", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
     looked_up = trial.run_trial(spec(dataset, treatment, n), CPU, base_state=base)
-    assert isinstance(used[0][0], Suffix) and used[0][1].train.lookup is not None
-    monkeypatch.setattr(trial, "frozen_prefix", lambda net, n, loaders, epochs: (net, loaders))
-    plain = trial.run_trial(spec(dataset, treatment, n), CPU, base_state=base)
-    assert [e["val_top1"] for e in looked_up["epoch_log"]] == [e["val_top1"] for e in plain["epoch_log"]]
-    assert looked_up["top1_best10"] == plain["top1_best10"] and looked_up["frozen_check"] is True
-    for k, v in plain["state_dict"].items():
+    assert plans[0].trunks[0].tables and not plans[0].trunks[0].live_cuts
+    monkeypatch.setattr(frozen_prefix, "why_not", lambda *a: "forced: every step")
+    every_step = trial.run_trial(spec(dataset, treatment, n), CPU, base_state=base)
+    assert plans[1].trunks[0].live_cuts == {n} and not plans[1].trunks[0].tables
+    assert [e["val_top1"] for e in looked_up["epoch_log"]] == [e["val_top1"] for e in every_step["epoch_log"]]
+    assert looked_up["top1_best10"] == every_step["top1_best10"] and looked_up["frozen_check"] is True
+    for k, v in every_step["state_dict"].items():
         assert torch.allclose(looked_up["state_dict"][k].float(), v.float(), atol=1e-5), k
 
 
-def test_the_plain_path_where_the_inputs_are_not_a_fixed_finite_set(dataset):
+def test_where_the_inputs_are_not_a_fixed_finite_set_the_prefix_runs_every_step(dataset):
     def loaders_for(recipe, input="memory"):
         return build_half_loaders(dataset[0], dataset[1], CropSpec("paper", recipe.crop_size, recipe.resize_size),
                                   batch_size=8, device=CPU, seed=0, input=input)
@@ -73,9 +77,11 @@ def test_the_plain_path_where_the_inputs_are_not_a_fixed_finite_set(dataset):
 
     memory, streamed = loaders_for(RECIPE), loaders_for(RECIPE, input="ffcv")
     assert why_not(net_for(RECIPE), 3, memory, 20) is None
-    assert "dropout" in why_not(net_for(get_recipe("demo", dropout=0.5)), 3, memory, 20)
     assert "streamed" in why_not(net_for(RECIPE), 3, streamed, 20)
     assert "less than once" in why_not(net_for(RECIPE), 3, memory, 18)
-    net = net_for(RECIPE)
-    model, same = frozen_prefix(net, 3, streamed, 20)
-    assert model is net and same is streamed
+    dropout = net_for(get_recipe("demo", dropout=0.5), 7)          # dropout on fc6's output: fc7's stage draws
+    assert shared_depth(dropout, 7) == 6 and shared_depth(dropout, 5) == 5 and shared_depth(net_for(RECIPE, 7), 7) == 7
+    member = Member("m", net_for(RECIPE), net_for(RECIPE), frozen_n=3)
+    member.model = member.net
+    plan = plan_inputs([member], streamed, 20)
+    assert plan.trunks[0].live_cuts == {3} and isinstance(member.model, Suffix) and plan.raw

@@ -135,7 +135,7 @@ def test_the_index_holds_summaries_not_bulk(tmp_path):
 
 
 def test_the_driver_keeps_the_index_as_records_land(tmp_path):
-    from raytransfer.sweep.tuning import JobIndexKeeper
+    from raytransfer.sweep.storage_watch import JobIndexKeeper
 
     store, rows = fill(str(tmp_path))
     keeper = JobIndexKeeper(str(tmp_path), every_s=3600)

@@ -3,6 +3,7 @@ the trial's own process and under Ray Train's TorchTrainer (two CPU workers, DDP
 import copy
 import functools
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -167,9 +168,9 @@ def train_fn_failing_once(config):
         ray.train.report = real_report
 
 
-def base_from(uri: str):
-    """What the sweep hands a Train worker as `load_base`: (weights, where they came from)."""
-    return load_weights(uri), "storage"
+def bases_from(uri: str, key: str):
+    """What the sweep hands a Train worker as `load_bases`: ({job key: its base's weights}, {job key: where from})."""
+    return {key: load_weights(uri)}, {key: "storage"}
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +204,10 @@ def test_torch_trainer_learns_checkpoints_and_resumes_after_a_failure(dataset, b
     save_state(base_run[1][-1][1], base_dir)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
+    spec = trial_spec(dataset, "BnB", 1)
     trainer = TorchTrainer(
         train_fn_failing_once,
-        train_loop_config={"spec": trial_spec(dataset, "BnB", 1), "load_base": functools.partial(base_from, str(base_dir)),
+        train_loop_config={"specs": [spec], "load_bases": functools.partial(bases_from, str(base_dir), spec["job_key"]),
                            "checkpoint_minutes": 0, "scratch": str(scratch)},
         scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
         run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="t",
@@ -226,10 +228,12 @@ def test_torch_trainer_learns_checkpoints_and_resumes_after_a_failure(dataset, b
     assert final["frozen_check"] is True
     assert final["top1_final"] > 2 * CHANCE and final["evaluations"] == 16
     assert result.return_value == final
+    assert json.loads(final["summaries"])[spec["job_key"]]["top1_final"] == final["top1_final"]
     with result.checkpoint.as_directory() as d:
         state = load_state(d)
-    assert state["epoch"] == 7 and len(state["history"]) == 16
-    assert torch.equal(state["model"]["conv1.weight"], base_run[0]["state_dict"]["conv1.weight"])
+    member = state["members"][spec["job_key"]]
+    assert state["epoch"] == 7 and len(member["history"]) == 16
+    assert torch.equal(member["model"]["conv1.weight"], base_run[0]["state_dict"]["conv1.weight"])
 
 
 def test_until_plateau_lowers_the_rate_at_each_plateau_and_stops(dataset):

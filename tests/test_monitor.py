@@ -76,8 +76,14 @@ def test_status_tells_a_dead_driver_and_an_empty_path(storage, capsys):
     assert "holds no sweep" in capsys.readouterr().err
 
 
+def finished(key: str, seconds: float, **config) -> SimpleNamespace:
+    """A trial of one job as Tune hands it to a callback when it ends (trainable.final_report)."""
+    return SimpleNamespace(status="RUNNING", config={"job_key": key, **config},
+                           last_result={"time_total_s": seconds, "outcomes": json.dumps({key: {"weights_uri": "/w"}})})
+
+
 def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(capsys):
-    trials = [SimpleNamespace(status="RUNNING", last_result={"wall_s": 60.0}, config={"job_key": "a"})]
+    trials = [finished("a", 60.0)]
     bar = SweepProgress(total=4, done=1, concurrency=1, dashboard="http://127.0.0.1:8265", tty=True)
     bar.on_trial_complete(0, trials, trials[0])
     bar.on_experiment_end(trials)
@@ -98,15 +104,13 @@ def test_eta_weighs_the_jobs_left_by_their_step_cost(tmp_path, capsys):
     plan += [{**job(f"t{i}", "similar", "AnB", "bA"), "n": 7} for i in range(3)]
     store.write_sweep({"experiment": "tune-x", "jobs": plan})
     store.write("old", {"metrics": {}})                                 # done before this sweep: not left
-    trial = SimpleNamespace(status="RUNNING", last_result={"time_total_s": 100.0},
-                            config={"job_key": "bA", "spec": {"treatment": "baseA", "n": 0}})
+    trial = finished("bA", 100.0, spec={"treatment": "baseA", "n": 0})
     progress = SweepProgress(total=6, done=1, concurrency=1, store=store, tty=False)
     progress.on_trial_complete(0, [trial], trial)
     expected = 100.0 * (1 + 3 * relative_cost(7))
     assert progress.eta_s(0) == pytest.approx(expected) and expected < 0.6 * 4 * 100
     assert capsys.readouterr().out.strip().endswith(f"ETA {hms(expected)}")
-    frozen = SimpleNamespace(status="RUNNING", last_result={"time_total_s": 40.0},
-                             config={"job_key": "t0", "spec": {"treatment": "AnB", "n": 7}})
+    frozen = finished("t0", 40.0, spec={"treatment": "AnB", "n": 7})
     progress.on_trial_complete(0, [frozen], frozen)                      # 140 s for 1 + 0.367 base-jobs
     assert progress.eta_s(0) == pytest.approx(140.0 / (1 + relative_cost(7)) * (1 + 2 * relative_cost(7)))
 
@@ -171,11 +175,13 @@ def test_mlflow_down_or_erring_warns_once_per_kind_and_the_sweep_goes_on(where, 
     try:
         tracker = MLflowJobs(uri, "x", pause_s=0.0)
         trials = [SimpleNamespace(trial_id=f"t{i}", config={"job_key": f"k{i}", "spec": {"treatment": "AnB", "n": 1}},
-                                  last_result={"top1_final": 0.5}) for i in range(3)]
+                                  last_result={"outcomes": json.dumps({f"k{i}": {"top1_final": 0.5}})})
+                  for i in range(3)]
         with caplog.at_level("WARNING", logger="raytransfer.sweep"):
             for t in trials:                                             # every callback returns: none raises
                 tracker.on_trial_start(0, trials, t)
-                tracker.on_trial_result(0, trials, t, {"epoch": 1, "val_top1": 0.4})
+                tracker.on_trial_result(0, trials, t, {"records": json.dumps({t.config["job_key"]: {"epoch": 1,
+                                                                                                  "val_top1": 0.4}})})
                 tracker.on_trial_complete(0, trials, t)
                 tracker.on_trial_error(0, trials, t)
     finally:

@@ -111,6 +111,80 @@ def test_searcher_seeded_from_the_job_store_skips_finished_jobs():
     assert not set(keys) & set(done) and len(keys) == len(jobs) - len(done)
 
 
+def release_all(s, prefix="t"):
+    """Every config the searcher hands out now, by trial id."""
+    out = {}
+    while (cfg := s.suggest(f"{prefix}{len(out)}")) not in (None, Searcher.FINISHED):
+        out[f"{prefix}{len(out)}"] = cfg
+    return out
+
+
+def done(s, trial, cfg, failed=()):
+    outcomes = {j["job_key"]: ({"failure_reason": "frozen layers changed"} if j["job_key"] in failed
+                               else {"weights_uri": f"/w/{j['job_key']}"}) for j in cfg["jobs"]}
+    s.on_trial_complete(trial, {"outcomes": json.dumps(outcomes)})
+
+
+def test_searcher_releases_cohorts_of_one_stream_and_each_transfer_after_its_base():
+    """Unlimited cohorts: the jobs ready at once on half B (base B and the random-frozen controls) are one
+    trial, base A another; once both bases are done the transfers onto B are one cohort, those copying one base
+    side by side. Members fail or finish one by one."""
+    jobs = tiny_jobs(ns=(1, 2, 3))
+    by_key = {j.key: j for j in jobs}
+    s = DependencySearcher(jobs, cohort_size=None)
+    first = release_all(s)
+    members = {t: [j["job_key"] for j in cfg["jobs"]] for t, cfg in first.items()}
+    assert sorted(len(m) for m in members.values()) == [1, 4]           # base A | base B + 3 random frozen
+    b = next(t for t, m in members.items() if len(m) == 4)
+    assert [by_key[k].treatment for k in members[b]] == ["baseB", "random_frozen", "random_frozen", "random_frozen"]
+    assert first[b]["cohort"].endswith("x4: baseB; random_frozen n1,2,3")
+    assert s.suggest("wait") is None
+    for t, cfg in first.items():
+        done(s, t, cfg, failed=[members[b][-1]])                       # one control fails, alone
+    assert len(s.failed) == 1 and len(s.done) == 4
+    rest = release_all(s, "u")
+    assert len(rest) == 1
+    (cfg,) = rest.values()
+    keys = [j["job_key"] for j in cfg["jobs"]]
+    assert sorted(keys) == sorted(k for k, j in by_key.items() if j.treatment in ("AnB", "BnB"))
+    assert [by_key[k].base_key for k in keys] == sorted(by_key[k].base_key for k in keys)   # one base's side by side
+    assert all(j["base_uris"] == {by_key[j["job_key"]].base_key: f"/w/{by_key[j['job_key']].base_key}"}
+               for j in cfg["jobs"])
+    done(s, "u0", cfg)
+    assert s.suggest("end") == Searcher.FINISHED and len(s.done) == len(jobs) - 1
+
+
+def test_cohort_size_caps_a_cohort_and_free_slots_split_one():
+    jobs = tiny_jobs(ns=(1, 2, 3))
+    capped = DependencySearcher(jobs, cohort_size=2)
+    assert sorted(len(c["jobs"]) for c in release_all(capped).values()) == [1, 2, 2]
+    alone = DependencySearcher(jobs, cohort_size=1)
+    assert all(len(c["jobs"]) == 1 for c in release_all(alone).values())
+    # three slots: base A's trial, and the 4 ready jobs of half B over the two slots left
+    spread = DependencySearcher(jobs, cohort_size=None, slots=3)
+    assert sorted(len(c["jobs"]) for c in release_all(spread).values()) == [1, 2, 2]
+    wide = DependencySearcher(jobs, cohort_size=None, slots=8)      # slots to spare: one job a trial
+    assert sorted(len(c["jobs"]) for c in release_all(wide).values()) == [1, 1, 1, 1, 1]
+
+
+def test_members_handed_back_are_released_again_and_never_twice():
+    """A trial keeps the members that fit its memory and hands the rest back (a report's `deferred`): they are
+    ready again for another trial; a hand-back from a trial that no longer owns a job changes nothing."""
+    jobs = tiny_jobs(ns=(1, 2, 3))
+    s = DependencySearcher(jobs, cohort_size=None)
+    first = release_all(s)
+    t, cfg = next((t, c) for t, c in first.items() if len(c["jobs"]) == 4)
+    back = [j["job_key"] for j in cfg["jobs"][2:]]
+    s.on_trial_result(t, {"deferred": json.dumps(back)})
+    again = s.suggest("v0")
+    assert [j["job_key"] for j in again["jobs"]] == back
+    s.on_trial_result(t, {"deferred": json.dumps(back)})            # not its jobs any more
+    assert s.suggest("v1") is None and all(s.issued[k] == "v0" for k in back)
+    done(s, t, {"jobs": cfg["jobs"][:2]})
+    s.on_trial_complete(t, None)                                     # completes once; nothing left to it
+    assert all(j["job_key"] in s.done for j in cfg["jobs"][:2]) and not set(back) & set(s.failed)
+
+
 # ---------------------------------------------------------------------------------------------
 # Real sweeps on a local Ray (2 CPUs), smoke scale, a small grid
 
@@ -135,12 +209,16 @@ def test_progress_line_counts_running_trials_and_estimates_what_is_left(capsys):
 
     from raytransfer.sweep.monitor import SweepProgress
 
+    def trial(key, seconds):
+        return SimpleNamespace(status="RUNNING", config={"job_key": key}, last_result={
+            "time_total_s": seconds, "outcomes": json.dumps({key: {"weights_uri": "/w"}})})
+
     progress = SweepProgress(total=5, done=1, concurrency=2)
-    trials = [SimpleNamespace(status="RUNNING", last_result={"wall_s": 60.0}) for _ in range(2)]
+    trials = [trial("a", 60.0), trial("b", 60.0)]
     progress.on_trial_complete(0, trials, trials[0])
     assert capsys.readouterr().out.strip() == "[sweep] 2/5 jobs done, 1 running, 0 failed, ETA 0:01:30"
     trials[0].status = "TERMINATED"
-    trials[1].last_result = {"wall_s": 120.0}
+    trials[1] = trial("b", 120.0)
     progress.on_trial_complete(0, trials, trials[1])
     assert capsys.readouterr().out.strip() == "[sweep] 3/5 jobs done, 0 running, 0 failed, ETA 0:01:30"
 

@@ -19,8 +19,10 @@ def job_images(recipe, train_images: int) -> int:
     return recipe.total_steps(train_images) * recipe.batch_size
 
 
-def print_estimate(jobs, done: dict, recipe, dataset, cpus_per_trial: float | None = None):
-    """GPU-hours of the jobs still to run at the recipe's measured step speed, and what that assumes."""
+def print_estimate(jobs, done: dict, recipe, dataset, cpus_per_trial: float | None = None,
+                   cohort_size: int | None = None):
+    """GPU-hours of the jobs still to run at the recipe's measured step speed, one job a trial and in cohorts
+    (`cohort_size`: at most that many jobs of one stream a trial; None: no cap), and what that assumes."""
     from ..recipes import recipe_from_dict
 
     todo = [j for j in jobs if j.key not in done and not j.is_diagnostic]   # diagnostics: forward passes only
@@ -42,17 +44,51 @@ def print_estimate(jobs, done: dict, recipe, dataset, cpus_per_trial: float | No
     print(f"estimate: {hours:.1f} GPU-hours for the {len(todo)} jobs to run at {speed.img_per_s:,.0f} img/s per base "
           f"step (recipe {recipe.name}: {kind}, batch {recipe.batch_size}; one {speed.card}, {speed.source}; frozen "
           f"prefixes scaled by their measured step costs)")
+    cohort_hours, streams_read, cohorts = cohort_estimate(todo, recipe, per_class, speed, cohort_size)
+    if cohort_size != 1:
+        print(f"estimate: in cohorts (the jobs of one target half, recipe and seed trained from one stream, each "
+              f"base's frozen layers run once a batch: {cohorts} trials): {cohort_hours:.1f} GPU-hours, "
+              f"{cohort_hours / max(hours, 1e-9):.2f} of one job a trial (assumes a layer's backward costs twice its "
+              "forward, to split the measured frozen costs; --cohort-size 1: one job a trial)")
     if recipe.input == "ffcv":
         cpus = cpus_per_trial or 12
         rate = FFCV_IMG_PER_S_16_CORES * cpus / 16
         asked = "" if cpus_per_trial else " (--cpus-per-trial not given: a g5.12xlarge's 12 per GPU)"
+        read = streams_read if cohort_size != 1 else images_total
         print(f"estimate: input: FFCV decodes on the trial's {cpus:g} CPU(s){asked}, about {rate:,.0f} img/s at "
               f"{FFCV_IMG_PER_S_16_CORES:,} per 16 cores (notes/ffcv.md), below the step: bound by its input, these "
-              f"jobs take at least {images_total / rate / 3600:.1f} GPU-hours")
+              f"jobs take at least {read / rate / 3600:.1f} GPU-hours")
     else:
         print("estimate: input: assumed to keep up -- the node's pixel store, cropped on the GPU (231k img/s from "
               "GPU memory on one H200, benchmarks/RESULTS.md); from host memory (a half larger than the GPU's free "
               "memory) its copy overlaps the step but was not yet measured on a GPU")
+
+
+def cohort_estimate(todo, recipe, per_class: int, speed, cohort_size: int | None) -> tuple[float, float, int]:
+    """(GPU-hours, images the cohorts read, cohorts) of the jobs in cohorts: one per stream and base they copy
+    (the frozen members of one base share its trunk), at most `cohort_size` jobs each."""
+    from ..cohort import stream_key
+    from ..recipes import recipe_from_dict
+    from ..step_costs import FROZEN, cohort_cost
+
+    groups = {}
+    for j in todo:
+        source = j.base_key if j.treatment in FROZEN and j.base_key else ("random" if j.treatment in FROZEN else "")
+        groups.setdefault((stream_key(j.spec), source), []).append(j)
+    hours = images_read = 0.0
+    count = 0
+    for (_, source), members in groups.items():
+        members.sort(key=lambda j: j.n)
+        size = cohort_size or len(members)
+        for chunk in (members[i:i + size] for i in range(0, len(members), size)):
+            own = recipe_from_dict(chunk[0].spec["recipe"])
+            images = job_images(own, min(per_class, chunk[0].k or per_class) * len(chunk[0].spec["target_classes"]))
+            frozen = [j.n for j in chunk if source and j.treatment in FROZEN]
+            cost = cohort_cost({source: frozen} if frozen else {}, len(chunk) - len(frozen), speed)
+            hours += images / speed.img_per_s * cost / 3600
+            images_read += images
+            count += 1
+    return hours, images_read, count
 
 
 def _train_images_per_class(dataset) -> int:

@@ -6,13 +6,14 @@ heartbeat `raytransfer status` reads. Each is a Ray Tune callback in the driver.
   weighs the jobs left by their step cost (`relative_cost`), the dashboard URL; it also writes the
   heartbeat (the running jobs) into the job store.
 - LiveReport: results.csv and report.html rebuilt as jobs land, at most every `every_s`, atomically.
-- MLflowJobs: every job one MLflow run (params: its settings and key; per-epoch metrics; the final row);
+- MLflowJobs: every job one MLflow run (params: its settings, key and cohort; per-epoch metrics; the final row);
   a tracking server that is down or errs costs one warning per kind of call, never the sweep.
-- TensorBoard: Tune writes event files per trial (tensorboardX); `keep_tensorboard` moves them to
-  STORAGE/tensorboard/<job key>/ before a done job's trial folder is deleted.
+- TensorBoardJobs: event files per job (tensorboardX) under STORAGE/tensorboard/<job key>/, from each
+  record of each member of a cohort.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -34,8 +35,15 @@ def hms(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _failed(trial) -> bool:
-    return bool((trial.last_result or {}).get("failed"))
+def jobs_of(trial) -> list[dict]:
+    """The jobs a trial trains (its cohort's), from its config."""
+    config = getattr(trial, "config", None) or {}
+    return config.get("jobs") or ([config] if config.get("job_key") else [])
+
+
+def outcomes_of(trial) -> dict:
+    """{job key: outcome} from a trial's final report (trainable.final_report)."""
+    return json.loads((trial.last_result or {}).get("outcomes") or "{}")
 
 
 def relative_cost(job: dict) -> float:
@@ -72,22 +80,24 @@ class SweepProgress(tune.Callback):
         return {**self.__dict__, "bar": None}
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        config = getattr(trial, "config", None) or {}
-        self.ended.add(config.get("job_key"))
-        if _failed(trial):
-            self.failed += 1
-        else:
-            self.done += 1
-            last = trial.last_result or {}
-            wall = last.get("time_total_s") or last.get("wall_s")      # Tune's clock includes a trial's start-up
-            if wall:
-                self.walls.append(wall)
-                self.costs.append(relative_cost({**config.get("spec", {}), **config}))
+        last = trial.last_result or {}
+        outcomes = outcomes_of(trial)
+        deferred = set(json.loads(last.get("deferred") or "[]"))
+        jobs = {j["job_key"]: j for j in jobs_of(trial) if j["job_key"] not in deferred}
+        self.ended.update(jobs)
+        failed = [k for k in jobs if "failure_reason" in outcomes.get(k, {"failure_reason": None})]
+        self.failed += len(failed)
+        self.done += len(jobs) - len(failed)
+        wall = last.get("time_total_s") or last.get("wall_s")      # Tune's clock includes a trial's start-up
+        if wall and len(failed) < len(jobs):
+            self.walls.append(wall)
+            self.costs.append(sum(relative_cost({**j.get("spec", {}), **j}) for k, j in jobs.items() if k not in failed))
         self._show(trials, force=True, ending=trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.ended.add((getattr(trial, "config", None) or {}).get("job_key"))
-        self.failed += 1
+        jobs = [j["job_key"] for j in jobs_of(trial)]
+        self.ended.update(jobs)
+        self.failed += len(jobs)
         self._show(trials, force=True, ending=trial)
 
     def _todo(self) -> list | None:
@@ -128,7 +138,8 @@ class SweepProgress(tune.Callback):
             self.bar = None
 
     def line(self, trials, ending=None) -> str:
-        running = [t for t in trials if t.status == "RUNNING" and t is not ending]   # ending: still RUNNING in Tune
+        running = [j for t in trials if t.status == "RUNNING" and t is not ending     # ending: still RUNNING in Tune
+                   for j in jobs_of(t)]
         left = self.total - self.done - self.failed
         eta_s = self.eta_s(len(running)) if left > 0 else None
         eta = f", ETA {hms(eta_s)}" if eta_s is not None else ""
@@ -158,7 +169,7 @@ class SweepProgress(tune.Callback):
         self.beat_at = time.time()
         if self.store is None:
             return
-        running = [t.config.get("job_key") for t in trials if t.status == "RUNNING" and t is not ending]
+        running = [j["job_key"] for t in trials if t.status == "RUNNING" and t is not ending for j in jobs_of(t)]
         try:
             self.store.write_heartbeat({"running": running, "done": self.done, "failed": self.failed,
                                         "dashboard": self.dashboard})
@@ -226,7 +237,8 @@ def check_tracking_uri(uri: str) -> str:
 
 class MLflowJobs(tune.Callback):
     """One MLflow run per job, named after its key: params (its settings), per-epoch metrics (step =
-    epoch), the final row's metrics; FINISHED, or FAILED with the reason. A retried trial keeps its run.
+    epoch), the final row's metrics; FINISHED, or FAILED with the reason. Each member of a cohort has its own
+    run (tagged with the cohort); a retried trial, or a member handed back to another trial, keeps its run.
 
     Tracking is never worth the sweep: a call that fails (a server down, an error it returns) logs one
     warning per kind of call and the sweep goes on; after a failure MLflow is left alone for `pause_s`
@@ -276,67 +288,133 @@ class MLflowJobs(tune.Callback):
         return True
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        if trial.trial_id in self.runs or not self._setup():
+        if not self._setup():
             return
-        config, spec = trial.config, trial.config.get("spec", {})
-        run = self._call("create_run", self.client.create_run, self.experiment_id, run_name=config["job_key"],
-                         tags={"raytransfer.job_key": config["job_key"], "raytransfer.tune_trial": trial.trial_id})
-        if run is None:
-            return
-        recipe = spec.get("recipe", {})
-        params = {"job_key": config["job_key"], "treatment": spec.get("treatment"), "n": spec.get("n"),
-                  "split": config.get("split"), "target_half": config.get("target"), "seed": spec.get("seed"),
-                  "arch": recipe.get("arch"), "recipe": recipe.get("name"), "dataset_fingerprint": spec.get("dataset_fingerprint"),
-                  "host": config.get("host"), "gpus_per_trial": config.get("gpus_per_trial"),
-                  "workers_per_trial": config.get("workers_per_trial"), "base_jobs": ",".join(config.get("base_uris", {}))}
-        for k, v in params.items():
-            self._call("log_param", self.client.log_param, run.info.run_id, k, "" if v is None else v)
-        self.runs[trial.trial_id] = run.info.run_id
+        config = trial.config
+        for job in jobs_of(trial):
+            key, spec = job["job_key"], job.get("spec", {})
+            if key in self.runs:                       # a retried trial, or a member handed back: its run goes on
+                continue
+            run = self._call("create_run", self.client.create_run, self.experiment_id, run_name=key,
+                             tags={"raytransfer.job_key": key, "raytransfer.tune_trial": trial.trial_id,
+                                   "raytransfer.cohort": config.get("cohort") or key})
+            if run is None:
+                return
+            recipe = spec.get("recipe", {})
+            trial_settings = config.get("trial", {})
+            params = {"job_key": key, "treatment": spec.get("treatment"), "n": spec.get("n"),
+                      "split": job.get("split"), "target_half": job.get("target"), "seed": spec.get("seed"),
+                      "arch": recipe.get("arch"), "recipe": recipe.get("name"),
+                      "dataset_fingerprint": spec.get("dataset_fingerprint"), "host": trial_settings.get("host"),
+                      "gpus_per_trial": trial_settings.get("gpus_per_trial"),
+                      "workers_per_trial": trial_settings.get("workers_per_trial"),
+                      "base_jobs": ",".join(job.get("base_uris", {})), "cohort_size": len(jobs_of(trial))}
+            for k, v in params.items():
+                self._call("log_param", self.client.log_param, run.info.run_id, k, "" if v is None else v)
+            self.runs[key] = run.info.run_id
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run = self.runs.get(trial.trial_id)
-        if run is None or result.get("final"):
+        if result.get("final") or not result.get("records"):
             return
-        step = int(result.get("step", result.get("epoch", 0)))    # records by evaluation: several in one epoch
-        for k in EPOCH_METRICS:
-            if isinstance(result.get(k), (int, float)):
-                self._call("log_metric", self.client.log_metric, run, k, float(result[k]), step=step)
+        for key, metrics in json.loads(result["records"]).items():
+            run = self.runs.get(key)
+            if run is None:
+                continue
+            step = int(metrics.get("step", metrics.get("epoch", 0)))    # records by evaluation: several an epoch
+            for k in EPOCH_METRICS:
+                if isinstance(metrics.get(k), (int, float)):
+                    self._call("log_metric", self.client.log_metric, run, k, float(metrics[k]), step=step)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run = self.runs.get(trial.trial_id)
-        if run is None:
-            return
-        last = trial.last_result or {}
-        for k in FINAL_METRICS:
-            if isinstance(last.get(k), (int, float)):
-                self._call("log_metric", self.client.log_metric, run, k, float(last[k]))
-        if last.get("failed"):
-            self._call("set_tag", self.client.set_tag, run, "raytransfer.failure_reason",
-                       str(last.get("failure_reason"))[:5000])
-        self._call("set_terminated", self.client.set_terminated, run, "FAILED" if last.get("failed") else "FINISHED")
+        for key, outcome in outcomes_of(trial).items():
+            run = self.runs.get(key)
+            if run is None:
+                continue
+            for k in FINAL_METRICS:
+                if isinstance(outcome.get(k), (int, float)):
+                    self._call("log_metric", self.client.log_metric, run, k, float(outcome[k]))
+            failed = "failure_reason" in outcome
+            if failed:
+                self._call("set_tag", self.client.set_tag, run, "raytransfer.failure_reason",
+                           str(outcome["failure_reason"])[:5000])
+            self._call("set_terminated", self.client.set_terminated, run, "FAILED" if failed else "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run = self.runs.get(trial.trial_id)
-        if run is not None:
-            self._call("set_terminated", self.client.set_terminated, run, "FAILED")
+        for job in jobs_of(trial):
+            run = self.runs.get(job["job_key"])
+            if run is not None:
+                self._call("set_terminated", self.client.set_terminated, run, "FAILED")
 
 
-def keep_tensorboard(fs, trial_dir: str, storage: str, job_key: str) -> int:
-    """Copy a trial folder's TensorBoard event files to STORAGE/tensorboard/<job key>/; returns how many."""
-    import pyarrow.fs
+class TensorBoardJobs(tune.Callback):
+    """TensorBoard event files per job, under STORAGE/tensorboard/<job key>/ (`tensorboard --logdir
+    STORAGE/tensorboard`: one run per job), written by the driver from each record of each cohort member:
+    val_top1, val_top5, train_loss, images_per_s, lr, input_wait_s at the record's step. On a remote storage the
+    files are written locally and copied there when the job ends; a failure only logs."""
+
+    def __init__(self, storage: str):
+        self.storage, self.writers, self.local = storage.rstrip("/"), {}, None
+
+    def __getstate__(self):                            # open writers are not part of Tune's state
+        return {**self.__dict__, "writers": {}}
+
+    def _dir(self, key: str) -> str:
+        if "://" not in self.storage:
+            return f"{self.storage}/tensorboard/{key}"
+        if self.local is None:
+            import tempfile
+            self.local = tempfile.mkdtemp(prefix="rt-tensorboard-")
+        return f"{self.local}/{key}"
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("final") or not result.get("records"):
+            return
+        try:
+            for key, metrics in json.loads(result["records"]).items():
+                if key not in self.writers:
+                    from tensorboardX import SummaryWriter
+                    self.writers[key] = SummaryWriter(self._dir(key))
+                step = int(metrics.get("step", metrics.get("epoch", 0)))
+                for k in EPOCH_METRICS:
+                    if isinstance(metrics.get(k), (int, float)):
+                        self.writers[key].add_scalar(k, float(metrics[k]), step)
+        except Exception as e:                         # TensorBoard is a nicety: never the sweep
+            log.warning("TensorBoard events not written: %s", e)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close([j["job_key"] for j in jobs_of(trial)])
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close([j["job_key"] for j in jobs_of(trial)])
+
+    def on_experiment_end(self, trials, **info):
+        self._close(list(self.writers))
+
+    def _close(self, keys):
+        for key in keys:
+            writer = self.writers.pop(key, None)
+            if writer is None:
+                continue
+            try:
+                writer.close()
+                if self.local is not None:
+                    copy_events(self._dir(key), self.storage, key)
+            except Exception as e:
+                log.warning("%s: TensorBoard events not kept: %s", key, e)
+
+
+def copy_events(local_dir: str, storage: str, job_key: str) -> int:
+    """Copy a folder's TensorBoard event files to STORAGE/tensorboard/<job key>/; returns how many."""
+    from pathlib import Path
 
     from .store import _split_uri
 
-    try:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, recursive=False, allow_not_found=True))
-    except (FileNotFoundError, OSError):
-        return 0
-    events = [i for i in infos if i.base_name.startswith("events.out.tfevents")]
+    events = sorted(Path(local_dir).glob("events.out.tfevents*"))
     if not events:
         return 0
     dest_fs, dest = _split_uri(f"{storage.rstrip('/')}/tensorboard/{job_key}")
     dest_fs.create_dir(dest, recursive=True)
     for e in events:
-        with fs.open_input_stream(e.path) as src, dest_fs.open_output_stream(f"{dest}/{e.base_name}") as out:
-            out.write(src.read())
+        with dest_fs.open_output_stream(f"{dest}/{e.name}") as out:
+            out.write(e.read_bytes())
     return len(events)

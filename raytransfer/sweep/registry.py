@@ -139,3 +139,26 @@ def fetch_base(name: str, key: str, uri: str) -> tuple[dict, str]:
         except Exception as e:
             log.warning("object-store copy of %s is gone (%s): reading it from storage", key, e)
     return load_weights(uri), "storage"
+
+
+def load_base_weights(registry: str, base_key: str, uri: str, storage: str) -> tuple[dict, str]:
+    """(weights, where from) of a base, for a trial or a Train worker; corrupt weights drop that base's record."""
+    from .store import CorruptWeights, JobStore
+
+    try:
+        return fetch_base(registry, base_key, uri)
+    except CorruptWeights as e:                    # never train on them; the next run retrains that base alone
+        JobStore(storage).forget(base_key)
+        raise CorruptWeights(f"{e}; dropped the record of base {base_key}: rerun the same command to retrain "
+                             "that base alone, then this job") from None
+
+
+def load_bases(registry: str, storage: str, jobs: list[dict]) -> tuple[dict, dict]:
+    """({job key: its base's weights}, {job key: where they came from}) of a cohort's jobs, each base read once."""
+    states, via, read = {}, {}, {}
+    for job in jobs:
+        for base_key, uri in (job.get("base_uris") or {}).items():
+            if base_key not in read:
+                read[base_key] = load_base_weights(registry, base_key, uri, storage)
+            states[job["job_key"]], via[job["job_key"]] = read[base_key]
+    return states, via

@@ -31,6 +31,7 @@ from .jobs import (DIAGNOSTICS, DIRECTIONS, PAPER_REDUCED_K, SPLIT_FILE, SPLIT_G
                    Dataset,
                    DiagnosticSettings, Job, build_diagnostic_jobs, build_jobs, describe_n_range, expand_axes, n_range)
 from .results import _atomic, write_diagnostics, write_results
+from .settings import RunSettings
 from .storage import check_remote, resume_hint, unavailable
 from .store import JobStore, _split_uri
 
@@ -120,6 +121,10 @@ def add_sweep_args(p: argparse.ArgumentParser):
                         "type's CPUs per GPU, e.g. 12 on a g5.12xlarge; a CPU worker 1)")
     p.add_argument("--host", choices=["auto", "process", "train"], default="auto",
                    help="run the loop in the trial's process or under Ray Train (auto: train for more than one worker)")
+    p.add_argument("--cohort-size", type=int, default=None, metavar="N",
+                   help="most jobs one trial trains from one batch stream (a cohort: the ready jobs of one target "
+                        "half, recipe, training seed and input; shared input, frozen layers run once); default: "
+                        "every ready job of the stream, as many as fit the trial's memory; 1: one job a trial")
     p.add_argument("--max-failures", type=int, default=2,
                    help="retries of a job after its first attempt, whatever restarted it (from its last checkpoint)")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0,
@@ -385,6 +390,9 @@ def run(grid: dict, args, name: str, split_treatments: dict | None = None) -> in
         raise SweepError("--gpus-per-trial must be >= 0, --workers-per-trial >= 1 and --cpus-per-trial > 0")
     if args.checkpoint_minutes < 0 or args.max_failures < 0 or (args.max_concurrent is not None and args.max_concurrent < 1):
         raise SweepError("--checkpoint-minutes and --max-failures must be >= 0, --max-concurrent >= 1")
+    if args.cohort_size is not None and args.cohort_size < 1:
+        raise SweepError(f"--cohort-size {args.cohort_size}: give the most jobs a trial may train together, 1 or "
+                         "more (1: one job a trial)")
     if args.mlflow:                                 # a URI MLflow refuses: now, not one warning once jobs run
         args.mlflow = check_tracking_uri(args.mlflow)
     check_remote(storage)                           # a missing bucket, refused credentials: one line, now
@@ -412,7 +420,7 @@ def run(grid: dict, args, name: str, split_treatments: dict | None = None) -> in
     if args.dry_run:
         print_job_table(jobs, done)
         from .estimate import print_estimate
-        print_estimate(jobs, done, recipe, dataset, args.cpus_per_trial)
+        print_estimate(jobs, done, recipe, dataset, args.cpus_per_trial, args.cohort_size)
         return 0
     out.mkdir(parents=True, exist_ok=True)
     for label, split in splits.items():
@@ -457,7 +465,8 @@ def run(grid: dict, args, name: str, split_treatments: dict | None = None) -> in
     os.chdir(out)          # every path is absolute by now; a Ray job's working dir can vanish under the driver
     try:                   # (Ray's local autoscaler: all its nodes share one runtime_resources folder)
         ready = None if args.resume else (lambda: save_invocation(storage, exp_name, invocation))
-        info = fit_sweep(jobs, done, store, storage, exp_name, args, callbacks, on_ready=ready) or {}
+        info = fit_sweep(jobs, done, store, exp_name, RunSettings.from_args(args, storage), callbacks,
+                         on_ready=ready) or {}
     except Exception as e:
         if unavailable(storage):                   # it stayed away for the whole wait: one line, the way back
             raise SweepError(storage_gone(storage, e)) from None
@@ -526,7 +535,8 @@ INVOCATION = "raytransfer-invocation.json"
 RESUME_FLAGS = ("scale", "set", "arch", "data", "splits", "split_file", "seeds", "train_seeds", "n", "treatments", "directions",
                 "reduced_k", "diagnostics", "until_plateau",
                 "gpus_per_trial",
-                "workers_per_trial", "cpus_per_trial", "host", "max_failures", "checkpoint_minutes", "max_concurrent")
+                "workers_per_trial", "cpus_per_trial", "host", "max_failures", "checkpoint_minutes", "max_concurrent",
+                "cohort_size")
 
 
 def sweep_invocation(args, jobs) -> dict:

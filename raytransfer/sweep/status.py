@@ -29,8 +29,9 @@ STALE_S = 120            # the driver beats every 30 s: older than this, it is n
 def job_hours(record: dict, now: float | None = None, attempts: list | None = None) -> tuple[float, float]:
     """(GPU-hours, hours) of one job over every attempt: the last from its start to its end (or now, while
     it runs), each earlier one (a retry, a resume after a dead driver) until the next began -- when an
-    attempt ended is not recorded, so this is an upper bound by the restart's delay. The starts come from
-    the record's `attempt_starts`, else from `attempts` (the store's attempts of the job)."""
+    attempt ended is not recorded, so this is an upper bound by the restart's delay. A member of a cohort
+    counts its share of the trial's time (`cohort_share`), so a cohort's members add up to its trial. The
+    starts come from the record's `attempt_starts`, else from `attempts` (the store's attempts of the job)."""
     start = record.get("started_at") or 0.0
     end = record.get("finished_at") or now or start
     seconds = max(0.0, end - start)
@@ -38,7 +39,7 @@ def job_hours(record: dict, now: float | None = None, attempts: list | None = No
     earlier = sorted(t for t in starts if t and t < start)     # the last attempt began at `start` (or just after)
     for began, next_began in zip(earlier, earlier[1:] + [start]):
         seconds += next_began - began
-    hours = seconds / 3600
+    hours = seconds / 3600 * float(record.get("cohort_share") or 1.0)    # a cohort member: its share of the trial
     return hours * float(record.get("gpus_held") or 0.0), hours
 
 

@@ -130,6 +130,13 @@ def tune_storage(storage: str):
     return path, fs
 
 
+def run_storage(storage: str) -> dict:
+    """Tune's / Train's RunConfig storage arguments: a URI through this module's patient filesystem (it waits
+    out a storage that stutters), a local folder as Ray opens it."""
+    path, fs = tune_storage(storage)
+    return {"storage_path": path, **({"storage_filesystem": fs} if fs is not None else {})}
+
+
 def storage_label(uri: str) -> str:
     """The storage's scheme and bucket (what a message names): s3://bucket."""
     scheme, _, rest = uri.partition("://")
