@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import math
 import os
 import pickle
@@ -280,12 +281,14 @@ def bench_dry_run(old, argv: list[str], grid, rows: list, label: str):
     sweep_status(store.storage)                                # leave the index written for the next steps
 
 
-def simulate(cls, jobs, concurrency: int = 64, polls: int = 3) -> dict:
+def simulate(cls, jobs, concurrency: int = 64, polls: int = 3, **kwargs) -> dict:
     """A whole sweep against one searcher: fill up to `concurrency`, `polls` idle asks while nothing is
-    ready, then the oldest trial ends done; until FINISHED. Times every call; returns the hand-out order."""
+    ready, then the oldest trial ends done (each of its jobs: a cohort's outcomes); until FINISHED. Times every
+    call; returns the hand-out order (a trial's first job) and the jobs a trial got."""
     from ray.tune.search import Searcher
 
-    s = cls(jobs, done={})
+    s = cls(jobs, done={}, **kwargs)
+    sizes = []
     running, order, t_suggest, t_idle, t_complete = deque(), [], [], [], []
     n, finished = 0, False
     while not finished:
@@ -305,17 +308,20 @@ def simulate(cls, jobs, concurrency: int = 64, polls: int = 3) -> dict:
                 break
             t_suggest.append(dt)
             order.append(cfg["job_key"])
-            running.append((f"t{n}", cfg["job_key"]))
+            keys = [j["job_key"] for j in cfg.get("jobs", [cfg])]
+            sizes.append(len(keys))
+            running.append((f"t{n}", keys))
             n += 1
         if running:
-            tid, key = running.popleft()
+            tid, keys = running.popleft()
+            outcomes = json.dumps({k: {"weights_uri": f"/w/{k}"} for k in keys})
             t0 = time.perf_counter()
-            s.on_trial_complete(tid, {"weights_uri": f"/w/{key}"})
+            s.on_trial_complete(tid, {"weights_uri": f"/w/{keys[0]}", "outcomes": outcomes})   # (today's: the first)
             t_complete.append(time.perf_counter() - t0)
     state = s.get_state()
     blob, t_pickle = timed(pickle.dumps, state)
     return {"order": order, "suggest": t_suggest, "idle": t_idle, "complete": t_complete, "state_bytes": len(blob),
-            "pickle_s": t_pickle}
+            "pickle_s": t_pickle, "sizes": sizes}
 
 
 def idle_polls(cls, jobs, polls: int = 200) -> float:
@@ -348,6 +354,13 @@ def bench_searcher(old, jobs, rows: list):
     whole_b = sum(b["suggest"]) + sum(b["idle"]) + sum(b["complete"])
     rows += [(label, "the whole sweep's decisions, today's code", whole_a, None),
              (label, "the whole sweep's decisions", whole_b, whole_a / whole_b)]
+    c = simulate(DependencySearcher, jobs, cohort_size=None, slots=64)      # the sweep's default: cohorts
+    assert sum(c["sizes"]) == len(jobs), "the cohorts did not hand out every job once"
+    cohort_label = f"{label}, cohorts ({len(c['sizes'])} trials, up to {max(c['sizes'])} jobs each)"
+    rows += [(cohort_label, "suggest (a cohort handed out): mean", sum(c["suggest"]) / len(c["suggest"]), None),
+             (cohort_label, "suggest (a cohort handed out): max", max(c["suggest"]), None),
+             (cohort_label, "the whole sweep's decisions", sum(c["suggest"]) + sum(c["idle"]) + sum(c["complete"]),
+              None)]
     ia, ib = idle_polls(old["searcher"].DependencySearcher, jobs), idle_polls(DependencySearcher, jobs)
     rows += [(label, "idle ask while the bases train, today's code", ia, None),
              (label, "idle ask while the bases train", ib, ia / ib),

@@ -93,9 +93,9 @@ def half_indices(labels: np.ndarray, half_labels) -> tuple[np.ndarray, np.ndarra
 
 
 def readable_half_ids(beton, half_labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, lut) of `half_indices` over a beton's label column, images written as corrupt left out; and
-    that label column."""
-    labels = label_column(beton)
+    """(ids, lut) of `half_indices` over a beton's label column (or that column itself: the pixel store keeps
+    it), images written as corrupt left out; and that label column."""
+    labels = beton if isinstance(beton, np.ndarray) else label_column(beton)
     ids, lut = half_indices(labels, half_labels)
     return ids[labels[ids] != CORRUPT_LABEL], lut, labels
 
@@ -272,7 +272,7 @@ def build_half_loaders(data_dir, half_class_ids: list[str], crop: CropSpec, batc
     loaders, ids_of = {}, {}
     for split in ("train", "val"):
         beton = data_dir / manifest["betons"][split]["file"]
-        ids, lut, labels = readable_half_ids(beton, half_labels)
+        ids, lut, labels = readable_half_ids(store.labels(split) if store is not None else beton, half_labels)
         if split == "train" and per_class:
             ids = first_per_class(ids, labels, per_class)
             if len(ids) < batch_size:

@@ -174,7 +174,10 @@ def test_a_lost_gpu_node_retries_its_trial_on_a_new_node_from_its_checkpoint(clu
         return {"raylet": raylet}
 
     logs, killed, recs = sweep_through_a_fault(cluster, cache, out, lose_the_node, "--checkpoint-minutes 0")
-    assert nodes(cluster)[killed["node"]][0] == "DEAD"
+    deadline = time.time() + 60                                         # the GCS marks it dead within its
+    while nodes(cluster)[killed["node"]][0] != "DEAD":                  # health checks' period
+        assert time.time() < deadline, f"node {killed['node'][-5:]} is not dead a minute after its raylet was killed"
+        time.sleep(1)
     lost = on_the_node(out, recs, killed["node"])                       # the caught trial, and any beside it
     for key, r in recs.items():
         if key in lost:                                                 # a lost node is a failure: it counts

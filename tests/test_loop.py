@@ -168,9 +168,10 @@ def train_fn_failing_once(config):
         ray.train.report = real_report
 
 
-def bases_from(uri: str, key: str):
+def bases_from(uri: str, keys: list[str]):
     """What the sweep hands a Train worker as `load_bases`: ({job key: its base's weights}, {job key: where from})."""
-    return {key: load_weights(uri)}, {key: "storage"}
+    weights = load_weights(uri)
+    return {k: weights for k in keys}, {k: "storage" for k in keys}
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +195,9 @@ def local_ray():
 
 
 def test_torch_trainer_learns_checkpoints_and_resumes_after_a_failure(dataset, base_run, local_ray, tmp_path):
-    """Two DDP workers train a transfer (conv1 frozen from the in-process base, the rest fresh) and
-    fail once after epoch 1; the restarted workers continue from epoch 2's checkpoint."""
+    """Two DDP workers train a cohort of two transfers from one stream (conv1 frozen from the in-process base,
+    the rest fresh; conv1..2 fine-tuned) and fail once after epoch 1; the restarted workers continue both from
+    epoch 2's checkpoint, which holds both."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -204,10 +206,11 @@ def test_torch_trainer_learns_checkpoints_and_resumes_after_a_failure(dataset, b
     save_state(base_run[1][-1][1], base_dir)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    spec = trial_spec(dataset, "BnB", 1)
+    spec, tuned = trial_spec(dataset, "BnB", 1), trial_spec(dataset, "BnB+", 2)
     trainer = TorchTrainer(
         train_fn_failing_once,
-        train_loop_config={"specs": [spec], "load_bases": functools.partial(bases_from, str(base_dir), spec["job_key"]),
+        train_loop_config={"specs": [spec, tuned], "load_bases": functools.partial(bases_from, str(base_dir),
+                                                                                  [spec["job_key"], tuned["job_key"]]),
                            "checkpoint_minutes": 0, "scratch": str(scratch)},
         scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
         run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="t",
@@ -228,12 +231,16 @@ def test_torch_trainer_learns_checkpoints_and_resumes_after_a_failure(dataset, b
     assert final["frozen_check"] is True
     assert final["top1_final"] > 2 * CHANCE and final["evaluations"] == 16
     assert result.return_value == final
-    assert json.loads(final["summaries"])[spec["job_key"]]["top1_final"] == final["top1_final"]
+    summaries = json.loads(final["summaries"])
+    assert summaries[spec["job_key"]]["top1_final"] == final["top1_final"]
+    assert summaries[tuned["job_key"]]["frozen_check"] is None and summaries[tuned["job_key"]]["resumed_from_epoch"] == 1
+    assert summaries[tuned["job_key"]]["top1_final"] > 2 * CHANCE and summaries[tuned["job_key"]]["cohort_size"] == 2
     with result.checkpoint.as_directory() as d:
         state = load_state(d)
-    member = state["members"][spec["job_key"]]
-    assert state["epoch"] == 7 and len(member["history"]) == 16
+    member, other = state["members"][spec["job_key"]], state["members"][tuned["job_key"]]
+    assert state["epoch"] == 7 and len(member["history"]) == len(other["history"]) == 16
     assert torch.equal(member["model"]["conv1.weight"], base_run[0]["state_dict"]["conv1.weight"])
+    assert not torch.equal(other["model"]["conv1.weight"], base_run[0]["state_dict"]["conv1.weight"])   # tuned
 
 
 def test_until_plateau_lowers_the_rate_at_each_plateau_and_stops(dataset):

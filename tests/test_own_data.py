@@ -101,8 +101,8 @@ def one_error(capsys, argv, *phrases):
 
 def test_folder_tree_stored_at_256px_trains_demo_bases_well_above_chance(tmp_path):
     """36 classes of 48 px images prepared with the defaults (stored at 256 px). The demo recipe crops
-    30 px of a 32 px image: its memory input shrinks each picture to 32 px once (the FFCV input of the smoke
-    recipe cuts 224 px of the 256 px picture and resizes it at every step; before either: a 30 px corner of the
+    30 px of a 32 px image: its memory input shrinks each picture to 32 px once (the FFCV input, `input=ffcv`,
+    cuts 224 px of the 256 px picture and resizes it at every step; before either: a 30 px corner of the
     picture, every network at chance). baseA (18 classes) reaches at least 3x chance in 10 epochs (the
     recipe's 128 would only take longer)."""
     tree = write_synthetic_tree(tmp_path / "tree", seed=3, superclasses_per_family=18, classes_per_superclass=1,
@@ -111,7 +111,8 @@ def test_folder_tree_stored_at_256px_trains_demo_bases_well_above_chance(tmp_pat
     assert prepare("folder", tree, data, workers=2)["settings"]["resolution"] == 256
     dataset, recipe = dataset_of(data), get_recipe("demo", epochs=10)
     assert "shrinks the images to 32 px once, as it loads them into memory" in check_resolution(dataset, recipe)
-    note = check_resolution(dataset, get_recipe("smoke"))
+    assert "shrinks the images to 32 px once" in check_resolution(dataset, get_recipe("smoke"))
+    note = check_resolution(dataset, get_recipe("smoke", input="ffcv"))
     assert "resizes each crop on the fly (224 px of the stored image to 28 px)" in note
     assert f"raytransfer prepare folder {tree.resolve()} --out {data.resolve()}-32px --resolution 32" in note
     axes = expand_axes({"split": "similar", "split_seed": 0, "target": "B", "treatment": "scratch", "n": 0, "seed": 0})

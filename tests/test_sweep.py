@@ -251,12 +251,17 @@ def trial_dirs(out) -> list[str]:
     return [d.name for d in Path(out).glob("tune-*/*") if d.is_dir()]
 
 
+FFCV = ("--set", "input=ffcv")           # the input where no pixel store can be written: FFCV decodes each step
+
+
 def test_sweep_trains_bases_once_transfers_after_them_and_reruns_nothing(sweep_env, tmp_path):
+    """Through FFCV (the smoke recipe reads the pixel store; this sweep covers the fallback end to end)."""
     out = tmp_path / "exp"
-    run_sweep(sweep_env, out, "--n", "1,2")
+    run_sweep(sweep_env, out, "--n", "1,2", *FFCV)
     recs = records(out)
     table = pd.read_csv(out / "results.csv")
     assert len(table) == len(recs) == 6 and table.job_key.is_unique          # 2 bases + AnB/BnB x n=1,2
+    assert set(table.input) == {"ffcv"}
     assert set(table.treatment) == {"baseA", "baseB", "AnB", "BnB"} and (table.status == "done").all()
     bases = table[table.treatment.isin(["baseA", "baseB"])]
     for key in bases.job_key:                                                 # each base trained exactly once
@@ -267,14 +272,14 @@ def test_sweep_trains_bases_once_transfers_after_them_and_reruns_nothing(sweep_e
         assert row.frozen_check == True                                        # noqa: E712 (frozen copies intact)
     before = {k: r["recorded_at"] for k, r in recs.items()}
 
-    stdout = run_sweep(sweep_env, out, "--n", "1,2")                           # same command: nothing to train
+    stdout = run_sweep(sweep_env, out, "--n", "1,2", *FFCV)                    # same command: nothing to train
     assert "6 jobs, 6 done, 0 to run" in stdout
     assert {k: r["recorded_at"] for k, r in records(out).items()} == before
     pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), table)
 
-    dry = run_sweep(sweep_env, out, "--n", "1,2,3", "--dry-run")               # extended grid: only n=3 new
+    dry = run_sweep(sweep_env, out, "--n", "1,2,3", "--dry-run", *FFCV)        # extended grid: only n=3 new
     assert "8 jobs, 6 done, 2 to run" in dry
-    run_sweep(sweep_env, out, "--n", "1,2,3")
+    run_sweep(sweep_env, out, "--n", "1,2,3", *FFCV)
     after = records(out)
     assert len(after) == 8
     assert {k: after[k]["recorded_at"] for k in before} == before             # nothing old retrained
