@@ -119,6 +119,12 @@ class DependencySearcher(Searcher):
 
     def _issue(self, trial_id: str, key: str) -> dict:
         """Hand `key` out with the ready jobs of its stream (cohorts.py): one trial's config."""
+        if self.cohort_size == 1:                         # one job a trial: no stream to look at
+            config = self._config(key)
+            self.issued[key] = trial_id
+            self.trial_to_keys[trial_id] = [key]
+            self._changed = True
+            return {**config, "jobs": [config], "cohort": key}
         streams = self._ready_streams()
         mates = sorted({k for _, k in streams.get(self._stream[key], []) if k != key and self._open(k)},
                        key=self._rank.__getitem__)                  # (a job handed back is in its heap twice)
