@@ -123,6 +123,17 @@ class InputPlan:
         return out
 
 
+def first_images(loader) -> torch.Tensor:
+    """The images of a loader's first batch, its iterator closed at once (an FFCV epoch left open keeps a thread)."""
+    it = iter(loader)
+    try:
+        return next(it)[0]
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
 def batches(loader, images: bool = True):
     """A loader's batches as device_input.Batch: the pixel store's with what picked them, any other's
     (FFCV, a plain iterable of (images, labels)) as they come."""
@@ -175,7 +186,7 @@ def table_bytes(net: nn.Module, cut: int, loaders) -> int:
     was_training = net.training
     net.eval()
     try:
-        sample = net.run_stages(next(iter(loaders.val))[0][:1], 0, cut)
+        sample = net.run_stages(first_images(loaders.val)[:1], 0, cut)
     finally:
         net.train(was_training)
     return int(sample[0].numel() * sample.element_size() * loaders.train.variants() * loaders.train.num_samples)

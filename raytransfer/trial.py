@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .cohort import budget_bytes, fit_members, member_bytes, member_seed, stream_key
-from .frozen_prefix import MAX_BYTES, plan_inputs, shared_depth, table_bytes, why_not
+from .frozen_prefix import MAX_BYTES, first_images, plan_inputs, shared_depth, table_bytes, why_not
 from .loaders import CropSpec, build_half_loaders
 from .loop import Member, fit_cohort, one_net_state, planned_epochs
 from .recipes import recipe_from_dict
@@ -101,7 +101,7 @@ class Cohort:
     def probe_batch(self) -> torch.Tensor:
         """Validation images (centre crops: no draw of the training stream is taken), as many as a training batch
         of this worker."""
-        images = next(iter(self.loaders.val))[0]
+        images = first_images(self.loaders.val)
         size = self.batch_size
         return images.repeat((-(-size // len(images)),) + (1,) * (images.dim() - 1))[:size]
 
@@ -190,6 +190,7 @@ def train_cohort(cohort: Cohort, report=None, resume_state: dict | None = None, 
                            plan=plan, **kwargs)
     wall = time.time() - cohort.started
     own = {k: sum(m["train_s"] for m in logs[k]) for k in logs}
+    shares = {k: own[k] / max(sum(own.values()), 1e-9) if len(own) > 1 else 1.0 for k in own}
     out = {}
     for m in cohort.members:
         reference = cohort.references[m.key]
@@ -202,10 +203,10 @@ def train_cohort(cohort: Cohort, report=None, resume_state: dict | None = None, 
                        frozen_mismatched=[] if check is None else list(check["mismatched"]),
                        train_images_per_s=_mean([r["images_per_s"] for r in epoch_log]), epoch_log=epoch_log,
                        input=getattr(loaders, "input", None), input_wait_share=input_wait_share(epoch_log),
-                       wall_s=wall, num_classes=cohort.num_classes, train_samples=loaders.train.num_samples,
+                       wall_s=wall * shares[m.key], cohort_wall_s=wall, num_classes=cohort.num_classes,
+                       train_samples=loaders.train.num_samples,
                        images_per_class=loaders.train.num_samples / len(cohort.specs[m.key]["target_classes"]),
-                       cohort_size=len(cohort.members),
-                       cohort_share=own[m.key] / max(sum(own.values()), 1e-9) if len(own) > 1 else 1.0)
+                       cohort_size=len(cohort.members), cohort_share=shares[m.key])
         summary["state_dict"] = {k: v.detach().cpu() for k, v in m.net.state_dict().items()}
         out[m.key] = summary
     return out
