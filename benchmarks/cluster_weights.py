@@ -144,7 +144,7 @@ def build_base() -> dict:
 
 
 def finish_base(storage: str, registry: str, key: str, state: dict, offer: bool) -> dict:
-    """What a finished base does, in the order of tuning.train_job: weights, publish, then the record."""
+    """What a finished base does, in the order of outcomes.record_outcome: weights, publish, then the record."""
     from raytransfer.sweep.registry import publish
     from raytransfer.sweep.store import JobStore
 

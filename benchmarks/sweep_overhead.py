@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_mode(mode: str, grid: dict, scale: str, out: Path, cpus: int, extra: list[str]) -> dict:
     from raytransfer.sweep import runner, tuning
     from raytransfer.sweep.jobs import build_jobs, expand_axes
+    from raytransfer.sweep.settings import RunSettings
     from raytransfer.sweep.store import JobStore
 
     argv = ["--scale", scale, "--out", str(out), "--no-dashboard", "--no-report", "--num-cpus", str(cpus), *extra]
@@ -53,12 +54,13 @@ def run_mode(mode: str, grid: dict, scale: str, out: Path, cpus: int, extra: lis
         jobs, _ = build_jobs(expand_axes(g), dataset, runner.get_recipe(sc.recipe))
         store = JobStore(str(out))
         bases = [j for j in jobs if j.treatment in ("baseA", "baseB")]
-        tuning.fit_sweep(bases, {}, store, str(out), "tune-phase1", args)
+        run = RunSettings.from_args(args, str(out))
+        tuning.fit_sweep(bases, {}, store, "tune-phase1", run)
         rest = [j for j in jobs if j not in bases]
-        tuning.fit_sweep(rest, store.completed(refresh=True), store, str(out), "tune-phase2", args)
+        tuning.fit_sweep(rest, store.completed(refresh=True), store, "tune-phase2", run)
     wall = time.time() - t0
     recs = JobStore(str(out)).completed(refresh=True)
-    trial_wall = sum(r["metrics"]["wall_s"] for r in recs.values())
+    trial_wall = sum(r["metrics"]["wall_s"] for r in recs.values())     # a cohort member: its share of its trial
     train_s = sum(e.get("train_s", 0) for r in recs.values() for e in r["metrics"].get("epoch_log", []))
     return {"mode": mode, "jobs": len(recs), "wall_s": wall, "trial_wall_s": trial_wall, "train_s": train_s,
             "overhead": wall * cpus / max(train_s, 1e-9), "scheduling": wall * cpus / max(trial_wall, 1e-9)}
