@@ -6,9 +6,11 @@ node's pixel store (device_input.py) the inputs are finitely many: each image at
 (3 x 3 x 2 for 30 px crops of 32 px images; the centre crop for validation). Their outputs through the frozen layers are computed
 once; each epoch draws the same crops from the same seeded generator as before and looks their outputs up.
 The result is the plain path's, to float rounding: frozen layers are fixed functions (their batch norm stays
-in eval mode, models.TransferableNet). Not where a dropout is active (the paper's dropout after a frozen fc6
-draws anew each step), the input is streamed (FFCV), the net is wrapped (DDP, torch.compile), or the epochs
-are fewer than the inputs an image can give (nothing to save): those nets take the plain path.
+in eval mode, models.TransferableNet). A frozen layer behind an active dropout is not (the paper's dropout
+on a frozen fc6's output draws anew each step): the prefix looked up stops before it (CaffeNet with dropout:
+conv1..fc6 at most; a frozen fc7 then runs each step on its dropped-out input). Where the input is streamed
+(FFCV), the net is wrapped (DDP, torch.compile), or the epochs are fewer than the inputs an image can give
+(nothing to save), nets take the plain path.
 
     model, loaders = frozen_prefix(net, n, loaders, epochs)     # (net, loaders) as they were where it does not apply
 """
@@ -36,6 +38,11 @@ class Suffix(nn.Module):
         return self.module.run_stages(x, self.n)
 
 
+def depth(net: nn.Module, n: int) -> int:
+    """How many of a frozen net's first n layers can be looked up: those before its first active dropout."""
+    return min(n, net.deterministic_stages())
+
+
 def why_not(net: nn.Module, n: int, loaders, epochs: int) -> str | None:
     """Why the prefix cannot be looked up for this trial (None: it can)."""
     frozen = [layer.name for layer in net.layer_table()[:n]]
@@ -43,8 +50,8 @@ def why_not(net: nn.Module, n: int, loaders, epochs: int) -> str | None:
         return "layers 1..n are not all frozen"
     if not all(hasattr(loader, "precompute") for loader in (loaders.train, loaders.val)):
         return "the half is streamed (FFCV), not read from the pixel store"
-    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in net.modules()):
-        return "a dropout is active"
+    if depth(net, n) < 1:
+        return "a dropout is active before every frozen layer"
     if epochs <= loaders.train.variants():
         return f"{epochs} epochs see each of an image's {loaders.train.variants()} inputs less than once"
     return None
@@ -52,11 +59,13 @@ def why_not(net: nn.Module, n: int, loaders, epochs: int) -> str | None:
 
 @torch.no_grad()
 def frozen_prefix(net: nn.Module, n: int, loaders, epochs: int):
-    """(Suffix(net, n), loaders yielding layer n's outputs) for a frozen trial where that applies, else as given."""
+    """(Suffix(net, m), loaders yielding layer m's outputs) for a frozen trial where that applies, else as given;
+    m = n, or the frozen layers before the first active dropout where one is (`depth`)."""
     reason = why_not(net, n, loaders, epochs)
     if reason:
         log.info("frozen prefix computed every step: %s", reason)
         return net, loaders
+    n = depth(net, n)
     was_training = net.training
     net.eval()                                     # frozen batch norm in eval mode, also before the first train()
     try:

@@ -189,6 +189,13 @@ RECIPES = {
     "demo": Recipe("demo", width=0.125, fc_width=0.0625, init="kaiming", dropout=0.0, norm="batch", stem_stride=2,
                    input="memory", crop_size=30, resize_size=32, batch_size=64, lr=0.1, warmup_fraction=0.05,
                    epochs=128, milestones=(0.6, 0.7), evals_per_epoch=1, channels_last=True),
+    # The demo with the paper's normalisation (issue 24): LRN after conv1/conv2 and no batch norm, dropout 0.5 on
+    # fc6/fc7 (on where those layers are frozen), otherwise the demo's net, input and schedule shape. Measured to
+    # converge on the built-in data: benchmarks/RESULTS.md, "The paper's normalisation and co-adaptation".
+    "demo_lrn": Recipe("demo_lrn", width=0.125, fc_width=0.0625, init="kaiming", dropout=0.5, norm="lrn",
+                       stem_stride=2, input="memory", crop_size=30, resize_size=32, batch_size=64, lr=0.01,
+                       warmup_fraction=0.05, epochs=128, milestones=(0.6, 0.7), evals_per_epoch=1,
+                       channels_last=True),
     # For tests and trying things out: the demo's layers, a few epochs (not converged: a smoke test of the
     # code), at conv1 stride 1 on 28 px crops read through FFCV: the input path real datasets take.
     "smoke": Recipe("smoke", width=0.125, fc_width=0.0625, init="kaiming", dropout=0.0, norm="batch", crop_size=28,

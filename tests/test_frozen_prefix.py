@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import raytransfer.trial as trial
-from raytransfer.frozen_prefix import Suffix, frozen_prefix, why_not
+from raytransfer.frozen_prefix import Suffix, depth, frozen_prefix, why_not
 from raytransfer.loaders import CropSpec, build_half_loaders
 from raytransfer.models import build_model
 from raytransfer.prepare import prepare
@@ -48,15 +48,28 @@ def base(dataset):
     return trial.run_trial(spec(dataset, "baseB", 0, get_recipe("demo", epochs=2, batch_size=8)), CPU)["state_dict"]
 
 
-@pytest.mark.parametrize("treatment,n", [("BnB", 7), ("BnB", 3), ("AnB", 1), ("random_frozen", 5)])
-def test_looked_up_prefix_trains_the_same_net_as_the_plain_path(dataset, base, monkeypatch, treatment, n):
+# the paper's dropout on fc6/fc7 (demo_lrn): the looked-up prefix stops before the first dropout (fc6's output)
+DROPOUT = get_recipe("demo_lrn", epochs=20, batch_size=8, milestones=(0.7,))
+
+
+@pytest.fixture(scope="module")
+def dropout_base(dataset):
+    return trial.run_trial(spec(dataset, "baseB", 0, get_recipe("demo_lrn", epochs=2, batch_size=8)), CPU)["state_dict"]
+
+
+@pytest.mark.parametrize("treatment,n,recipe,depth", [("BnB", 7, RECIPE, 7), ("BnB", 3, RECIPE, 3), ("AnB", 1, RECIPE, 1),
+                                                      ("random_frozen", 5, RECIPE, 5), ("BnB", 7, DROPOUT, 6),
+                                                      ("BnB", 6, DROPOUT, 6), ("AnB", 3, DROPOUT, 3)])
+def test_looked_up_prefix_trains_the_same_net_as_the_plain_path(dataset, base, dropout_base, monkeypatch, treatment, n,
+                                                                recipe, depth):
+    base = dropout_base if recipe is DROPOUT else base
     used = []
     real = trial.frozen_prefix
     monkeypatch.setattr(trial, "frozen_prefix", lambda *a: used.append(real(*a)) or used[-1])
-    looked_up = trial.run_trial(spec(dataset, treatment, n), CPU, base_state=base)
-    assert isinstance(used[0][0], Suffix) and used[0][1].train.lookup is not None
+    looked_up = trial.run_trial(spec(dataset, treatment, n, recipe), CPU, base_state=base)
+    assert isinstance(used[0][0], Suffix) and used[0][1].train.lookup is not None and used[0][0].n == depth
     monkeypatch.setattr(trial, "frozen_prefix", lambda net, n, loaders, epochs: (net, loaders))
-    plain = trial.run_trial(spec(dataset, treatment, n), CPU, base_state=base)
+    plain = trial.run_trial(spec(dataset, treatment, n, recipe), CPU, base_state=base)
     assert [e["val_top1"] for e in looked_up["epoch_log"]] == [e["val_top1"] for e in plain["epoch_log"]]
     assert looked_up["top1_best10"] == plain["top1_best10"] and looked_up["frozen_check"] is True
     for k, v in plain["state_dict"].items():
@@ -73,7 +86,9 @@ def test_the_plain_path_where_the_inputs_are_not_a_fixed_finite_set(dataset):
 
     memory, streamed = loaders_for(RECIPE), loaders_for(RECIPE, input="ffcv")
     assert why_not(net_for(RECIPE), 3, memory, 20) is None
-    assert "dropout" in why_not(net_for(get_recipe("demo", dropout=0.5)), 3, memory, 20)
+    dropout = get_recipe("demo", dropout=0.5)
+    assert why_not(net_for(dropout), 3, memory, 20) is None and depth(net_for(dropout, 7), 7) == 6
+    assert depth(net_for(RECIPE, 7), 7) == 7
     assert "streamed" in why_not(net_for(RECIPE), 3, streamed, 20)
     assert "less than once" in why_not(net_for(RECIPE), 3, memory, 18)
     net = net_for(RECIPE)
