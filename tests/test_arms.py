@@ -130,3 +130,14 @@ def test_data_seed_draws_another_built_in_dataset_with_other_keys(capsys, env):
     assert main(GRID, FLAGS + ["--out", str(env / "d"), "--data-seed", "1", "--data", str(env)],
                 name="full_paper") == 2
     assert "drop --data-seed" in capsys.readouterr().err
+
+
+def test_a_treatment_at_some_n_alone(capsys, env):
+    """--treatments BnB,BnB+:7: BnB at every n of the grid, BnB+ at n = 7 alone (the second schedule's control)."""
+    argv = ["--out", str(env / "x"), "--recipes", "smoke,demo_lrn"]
+    table = job_table(capsys, argv + ["--treatments", "BnB,BnB+:7"])
+    transfers = sorted(k.split("-")[1] + k.split("-")[3] for k in table if "-base" not in k)
+    assert transfers == ["BnBn3", "BnBn3", "BnBn7", "BnBn7", "BnBpn7", "BnBpn7"]
+    capsys.readouterr()
+    assert main(GRID, FLAGS + argv + ["--treatments", "BnB,BnB+:5"], name="full_paper") == 2
+    assert "--treatments BnB+:5: n = 5 is not in the grid's n (3, 7)" in capsys.readouterr().err

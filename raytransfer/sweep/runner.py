@@ -82,7 +82,9 @@ def add_sweep_args(p: argparse.ArgumentParser):
     g.add_argument("--seeds", help="similar-split seeds, e.g. 0,1,2,3 (the paper's four random halves)")
     g.add_argument("--train-seeds", help="training seeds (initialisation and data order), e.g. 0,1,2")
     g.add_argument("--n", help="layers copied, e.g. 1-7 or 1,3,5 (default: all, 1 .. layers - 1 of --arch)")
-    g.add_argument("--treatments", help=f"comma list of {', '.join(TREATMENTS)}")
+    g.add_argument("--treatments", help=f"comma list of {', '.join(TREATMENTS)}; TREATMENT:N (or :LO-HI) runs that one "
+                                        "at those n of the grid alone, e.g. BnB,BnB+:7 (BnB+ at n = 7: the second "
+                                        "schedule's control)")
     g.add_argument("--directions", choices=sorted(DIRECTIONS), help="AtoB: target B; BtoA: target A; both")
     g.add_argument("--reduced-k", metavar="K,...",
                    help="reduced-volume nets on all classes, the first k training images of each (0: all), with "
@@ -214,10 +216,26 @@ def apply_overrides(grid: dict, args, arch: str = "caffenet") -> dict:
     if grid.get("n") in ("all", "every"):          # "every": each n of the arch at every scale too
         grid["n"] = tune.grid_search(list(n_range(arch)))
     if args.treatments:
-        grid["treatment"] = tune.grid_search(_names(args.treatments, TREATMENTS, "treatment"))
+        names = [t.split(":")[0] for t in args.treatments.split(",")]
+        grid["treatment"] = tune.grid_search(_names(",".join(names), TREATMENTS, "treatment"))
     if args.directions:
         grid["target"] = tune.grid_search(list(DIRECTIONS[args.directions]))
     return grid
+
+
+def restrict_treatments(axes: list[dict], treatments: str | None) -> list[dict]:
+    """--treatments' TREATMENT:N entries: that treatment at those n alone (each n must be one of the grid's)."""
+    only = {}
+    for entry in (treatments or "").split(","):
+        name, sep, ns = entry.strip().partition(":")
+        if sep:
+            only[name] = set(_ints(ns, "treatments " + entry.strip()))
+    for name, ns in only.items():
+        grid_ns = {int(a["n"]) for a in axes if a["treatment"] == name}
+        if not ns <= grid_ns:
+            raise SweepError(f"--treatments {name}:{','.join(map(str, sorted(ns)))}: n = {min(ns - grid_ns)} is not in "
+                             f"the grid's n ({', '.join(map(str, sorted(grid_ns)))}); add it to --n")
+    return [a for a in axes if a["treatment"] not in only or int(a["n"]) in only[a["treatment"]]]
 
 
 def reduced_k_of(args, scale: Scale) -> tuple:
@@ -445,6 +463,7 @@ def run(grid: dict, args, name: str, split_treatments: dict | None = None) -> in
     axes = expand_axes(grid)
     if split_treatments and not args.treatments:
         axes = [a for a in axes if a["treatment"] in split_treatments.get(a["split"], [a["treatment"]])]
+    axes = restrict_treatments(axes, args.treatments)
     jobs, splits = build_arms(axes, dataset, recipes, reduced_k_of(args, scale), diagnostic_kinds(args, scale),
                               scale.diagnostic_settings)
     networks = [j for j in jobs if not j.is_diagnostic]         # the results table's rows
