@@ -344,9 +344,10 @@ def arms_html(by_arm: dict | None) -> str:
         second = "" if not gain else (f"; a second schedule from its bases' own weights (BnB+ at n = {gain['n']}) "
                                       f"gained {100 * gain['estimate']:+.1f} points ({gain['networks']} networks)")
         bases = (f"{part['bases'] - part['bases_not_converged']} of {part['bases']} bases converged{second}")
+        text = part["text"].removeprefix(f"{part['answer']}:")          # the answer leads, in its colour
         items.append(f'<li class="arm" data-arm="{html.escape(label)}"><b>{html.escape(label)}</b>: '
-                     f'<span class="{_answer_class(part["answer"])}">{html.escape(part["answer"])}</span> '
-                     f"{html.escape(part['text'])} {html.escape(bases)}.</li>")
+                     f'<span class="{_answer_class(part["answer"])}">{html.escape(part["answer"])}</span>:'
+                     f"{html.escape(text)} {html.escape(bases)}.</li>")
     return (f'<div id="co-adaptation-arms"><b>Co-adaptation in each arm</b> (the same grid trained with each '
             f"recipe of the sweep; the figures below show {html.escape(by_arm['main'])})<ul>{''.join(items)}</ul>"
             f'<p id="co-adaptation-reading">{html.escape(by_arm["reading"])}</p></div>')

@@ -199,7 +199,7 @@ def test_arms_without_a_dip_say_the_finding_is_not_reproduced_and_why_at_demo_si
     arms, small = arms_of(two_arms(lrn_bnb=(0.0, 0.01, -0.005)))
     result = co_adaptation_by_arm(arms, "the rule", small)
     assert {p["answer"] for p in result["arms"].values()} == {"unresolved"}
-    assert "do not differ measurably" in result["reading"]
+    assert "cannot tell the arms apart" in result["reading"]
     assert "not reproduced in any arm" in result["reading"] and "expected reading at demo size" in result["reading"]
     # the same arms trained with recipes of the paper's size: no claim about demo size
     big = {label.replace("demo", "paper"): rows for label, rows in arms.items()}
@@ -226,3 +226,9 @@ def test_the_report_answers_co_adaptation_per_arm_beside_the_main_arms_findings(
     page = (tmp_path / "report.html").read_text()
     assert 'id="co-adaptation-arms"' in page and 'data-arm="demo_lrn"' in page
     assert "co-adaptation is answered for each at the top" in page
+
+
+def test_an_estimate_too_close_to_zero_says_so_rather_than_asking_for_an_interval_it_has():
+    part = science_check(table({s: (v, *EFFECTS[s][1:]) for s, v in enumerate((0.01, -0.01, 0.0))}))["co_adaptation"]
+    assert part["answer"] == "unresolved" and part["interval"] is not None and "seeds_to_resolve" not in part
+    assert "too close to zero" in part["text"] and "give an interval" not in part["text"]
