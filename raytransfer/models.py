@@ -107,7 +107,7 @@ class SeededDropout(nn.Dropout):
     """nn.Dropout drawing its masks from its own generator, seeded as the net is built (from the trial's init
     seed): a rerun of a trial draws the same masks, in any process, and a frozen prefix looked up once per input
     (frozen_prefix.py) leaves them as they were. A trial resumed from a checkpoint starts the masks' stream
-    afresh (its state is not part of the weights)."""
+    afresh (its state is not part of the weights); a net under torch.compile draws torch's own dropout masks."""
 
     def __init__(self, p: float, seed: int):
         super().__init__(p)
@@ -119,6 +119,8 @@ class SeededDropout(nn.Dropout):
             return x
         if self.p >= 1:
             return x * 0
+        if torch.compiler.is_compiling():      # torch.compile (the fast recipe on CUDA) traces torch's own dropout
+            return F.dropout(x, self.p, True)  # whole; its masks come from the global generator there
         generator = self._generators.get(x.device)
         if generator is None:
             generator = self._generators[x.device] = torch.Generator(x.device).manual_seed(self.seed)
