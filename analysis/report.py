@@ -23,13 +23,14 @@ from plotly.offline import get_plotlyjs
 
 from analysis import figures
 from analysis.diagnostics import bases_share_init, diagnostic_figures, diagnostics_html, load_diagnostics
-from analysis.findings import convergence_summary, science_check
+from analysis.findings import co_adaptation_by_arm, convergence_summary, science_check
 from analysis.similarity import has_graded_levels, similarity_figures, similarity_html, similarity_summary
 from analysis.results import (BASE_TREATMENTS, METRIC, REDUCED, SETTING_COLUMNS, SPLIT_KINDS, TREATMENTS,
                               input_wait_by_treatment, layer_ticks, load_curves, load_rows, settings, split_label,
                               with_base)
 from analysis.stats import table1
 from raytransfer.convergence import PLATEAU_RULE
+from raytransfer.recipes import RECIPES
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,8 @@ def sweep_progress(results_dir: Path) -> str | None:
     return f"This report holds {p['done']} of the {p['planned']} networks of its sweep{failed} ({state}; updated {when})."
 
 
-def pick_setting(rows: pd.DataFrame, dataset=None, arch=None, recipe=None) -> tuple[pd.DataFrame, list[str]]:
-    """Keep one setting (dataset, arch, the sweep's recipe and its --set overrides): the one asked for, else
-    the one with most rows. A sweep's reduced-volume nets (their own solver, e.g. paper_reduced) belong to
-    the setting of its recipe (paper). Returns the rows and notes naming what was left out."""
+def asked_for(rows: pd.DataFrame, dataset=None, arch=None, recipe=None) -> pd.DataFrame:
+    """The rows of the dataset, arch and recipe asked for (None: any)."""
     wanted = {"dataset": dataset, "arch": arch, "sweep_recipe": recipe}
     for column, value in wanted.items():
         if value is not None:
@@ -135,16 +134,44 @@ def pick_setting(rows: pd.DataFrame, dataset=None, arch=None, recipe=None) -> tu
                 raise ValueError(f"no rows with {column.replace('sweep_', '')} {value!r}; the table has "
                                  f"{sorted(set(rows[column]))}")
             rows = rows[rows[column] == value]
+    return rows
+
+
+def _of_setting(rows: pd.DataFrame, setting: tuple) -> pd.DataFrame:
+    return rows[rows[list(SETTING_COLUMNS)].astype(str).agg("|".join, axis=1) == "|".join(setting)]
+
+
+def pick_setting(rows: pd.DataFrame, dataset=None, arch=None, recipe=None) -> tuple[pd.DataFrame, list[str]]:
+    """Keep one setting (dataset, arch, the sweep's recipe and its --set overrides): the one asked for, else
+    the one with most rows (of as many, the first in the table: a sweep's first --recipes arm). A sweep's
+    reduced-volume nets (their own solver, e.g. paper_reduced) belong to the setting of its recipe (paper).
+    Returns the rows and notes naming what was left out."""
+    rows = asked_for(rows, dataset, arch, recipe)
     combos = settings(rows)
     if len(combos) <= 1:
         return rows, []
     chosen = combos[0]
-    keep = (rows[list(SETTING_COLUMNS)].astype(str).agg("|".join, axis=1) == "|".join(chosen))
     notes = [f"the table holds {len(combos)} settings (dataset, arch, recipe, --set overrides); this report shows "
              f"{setting_text(chosen)}; left out: {', '.join(setting_text(c) for c in combos[1:])} "
-             "(pick one: raytransfer report RESULTS_DIR --dataset D --arch A --recipe R; python -m analysis "
-             "takes the same flags)"]
-    return rows[keep], notes
+             "(co-adaptation is answered for each at the top; pick one: raytransfer report RESULTS_DIR --dataset D "
+             "--arch A --recipe R; python -m analysis takes the same flags)"]
+    return _of_setting(rows, chosen), notes
+
+
+def arms_of(rows: pd.DataFrame) -> tuple[dict, set]:
+    """The table's settings as arms, {label: rows with their base}, the report's main setting first (pick_setting's
+    choice); and the labels of arms trained with a CPU-sized built-in recipe (the demo's: width below 1). A label
+    is the recipe and its overrides, with dataset and arch where the arms differ in them."""
+    combos = settings(rows)
+    differ = [len({c[i] for c in combos}) > 1 for i in range(2)]
+    arms, small = {}, set()
+    for setting in combos:
+        dataset, arch, recipe, overrides = setting
+        label = " / ".join([v for v, d in zip((dataset, arch), differ) if d] + [recipe]) + (f" [{overrides}]" if overrides else "")
+        arms[label] = with_base(_of_setting(rows, setting))
+        if recipe in RECIPES and RECIPES[recipe].width < 1 and "width" not in overrides:
+            small.add(label)
+    return arms, small
 
 
 def setting_text(setting: tuple) -> str:
@@ -173,6 +200,7 @@ def build_report_from_rows(rows: pd.DataFrame, curves: pd.DataFrame, out_dir: Pa
     (diagnostics rows, transferability summary) of analysis.diagnostics.load_diagnostics, if any."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    arms, small = arms_of(asked_for(rows, dataset, arch, recipe))
     rows, notes = pick_setting(rows, dataset, arch, recipe)
     rows = with_base(rows)
     order = {"split_kind": {kind: i for i, kind in enumerate(SPLIT_KINDS)},
@@ -190,9 +218,12 @@ def build_report_from_rows(rows: pd.DataFrame, curves: pd.DataFrame, out_dir: Pa
     results_table1 = table1(rows)
     check = science_check(rows)
     convergence = convergence_summary(rows, PLATEAU_RULE)
+    by_arm = co_adaptation_by_arm(arms, PLATEAU_RULE, small)    # None for a table of one setting
     atomic_write(out_dir / "table1.json", lambda p: p.write_text(json.dumps(results_table1, indent=2) + "\n"))
     atomic_write(out_dir / "science_check.json",
-                 lambda p: p.write_text(json.dumps({**check, "convergence": convergence}, indent=2) + "\n"))
+                 lambda p: p.write_text(json.dumps({**check, "convergence": convergence,
+                                                    **({"co_adaptation_by_arm": by_arm} if by_arm else {})},
+                                                   indent=2) + "\n"))
     for name, fig in figs.items():
         atomic_write(out_dir / f"{name}.html", lambda p: fig.write_html(p, include_plotlyjs=True, config=PLOT_CONFIG))
     section = ""
@@ -211,7 +242,7 @@ def build_report_from_rows(rows: pd.DataFrame, curves: pd.DataFrame, out_dir: Pa
         section += similarity_html(sim_figs, summary, _div)
     notes += missing_notes(rows, curves) + [export_static(figs, out_dir)]
 
-    page = render_page(figs, check, rows, notes, source, progress, convergence, section)
+    page = render_page(figs, check, rows, notes, source, progress, convergence, section, by_arm)
     path = out_dir / "report.html"
     atomic_write(path, lambda p: p.write_text(page, encoding="utf-8"))   # a reader never sees half a page
     log.info("wrote %s (%d networks)", path, len(rows))
@@ -292,13 +323,34 @@ def _answer_class(answer: str) -> str:
     return {"yes": "answer-yes", "no": "answer-no"}.get(answer, "answer-not")
 
 
-def science_html(check: dict, convergence: dict | None = None) -> str:
+def science_html(check: dict, convergence: dict | None = None, by_arm: dict | None = None) -> str:
     items = "".join(
         f'<li id="finding-{name}">{html.escape(part["question"])} <span class="{_answer_class(part["answer"])}">'
         f'{html.escape(part["answer"])}</span><br>{html.escape(part["text"])}</li>' for name, part in check.items())
+    main = f" of {html.escape(by_arm['main'])}" if by_arm else ""
     return (f'<section class="science" id="science-check"><b>The paper\'s findings</b> (from this table\'s own '
-            f"rows; each network relative to the base of its target half; 95 % t intervals over independent "
-            f"units of split × training seed × target half)<ul>{items}</ul>{convergence_html(convergence)}</section>")
+            f"rows{main}; each network relative to the base of its target half; 95 % t intervals over independent "
+            f"units of split × training seed × target half)<ul>{items}</ul>{convergence_html(convergence)}"
+            f"{arms_html(by_arm)}</section>")
+
+
+def arms_html(by_arm: dict | None) -> str:
+    """Co-adaptation in each arm of the table (each its own recipe), and what their difference means."""
+    if not by_arm:
+        return ""
+    items = []
+    for label, part in by_arm["arms"].items():
+        gain = part.get("second_schedule_gain")
+        second = "" if not gain else (f"; a second schedule from its bases' own weights (BnB+ at n = {gain['n']}) "
+                                      f"gained {100 * gain['estimate']:+.1f} points ({gain['networks']} networks)")
+        bases = (f"{part['bases'] - part['bases_not_converged']} of {part['bases']} bases converged{second}")
+        text = part["text"].removeprefix(f"{part['answer']}:")          # the answer leads, in its colour
+        items.append(f'<li class="arm" data-arm="{html.escape(label)}"><b>{html.escape(label)}</b>: '
+                     f'<span class="{_answer_class(part["answer"])}">{html.escape(part["answer"])}</span>:'
+                     f"{html.escape(text)} {html.escape(bases)}.</li>")
+    return (f'<div id="co-adaptation-arms"><b>Co-adaptation in each arm</b> (the same grid trained with each '
+            f"recipe of the sweep; the figures below show {html.escape(by_arm['main'])})<ul>{''.join(items)}</ul>"
+            f'<p id="co-adaptation-reading">{html.escape(by_arm["reading"])}</p></div>')
 
 
 def convergence_html(convergence: dict | None) -> str:
@@ -334,7 +386,8 @@ def _div(fig: go.Figure, name: str, post_script: str | None = None) -> str:
 
 
 def render_page(figs: dict[str, go.Figure], check: dict, rows: pd.DataFrame, notes: list[str], source: str,
-                progress: str | None = None, convergence: dict | None = None, diagnostics_section: str = "") -> str:
+                progress: str | None = None, convergence: dict | None = None, diagnostics_section: str = "",
+                by_arm: dict | None = None) -> str:
     """The whole report as one HTML string, plotly.js inlined once."""
     created = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     note_items = "".join(f"<li>{html.escape(note)}</li>" for note in notes if note)
@@ -352,7 +405,7 @@ def render_page(figs: dict[str, go.Figure], check: dict, rows: pd.DataFrame, not
 best validation evaluations) · built {html.escape(created)}</p>
 {f'<p class="meta" id="sweep-progress"><b>{html.escape(progress)}</b></p>' if progress else ""}
 <pre id="report-errors" hidden></pre>
-{science_html(check, convergence)}
+{science_html(check, convergence, by_arm)}
 <div class="grid">
   <div>{_div(figs["fig1_similar"], "fig1_similar", CLICK_SCRIPT)}
        {_div(figs["fig2_dissimilar"], "fig2_dissimilar", CLICK_SCRIPT)}</div>

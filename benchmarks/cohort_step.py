@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_loop import Half, half_loaders, sync                          # noqa: E402  (the same store loaders)
 
-from raytransfer.cohort import member_bytes, member_seed                # noqa: E402
+from raytransfer.cohort import member_bytes                             # noqa: E402
 from raytransfer.frozen_prefix import plan_inputs                      # noqa: E402
 from raytransfer.loop import Member, fit_cohort, planned_epochs        # noqa: E402
 from raytransfer.pixel_store import ensure_store, synthetic_source     # noqa: E402
@@ -48,7 +48,7 @@ def members_of(recipe, base: dict, ns, classes: int, device) -> list[Member]:
         if recipe.channels_last:
             net = net.to(memory_format=torch.channels_last)
         net = net.to(device)
-        out.append(Member(f"AnB-n{n}", net, net, frozen_n=n, seed=member_seed(f"AnB-n{n}")))
+        out.append(Member(f"AnB-n{n}", net, net, frozen_n=n))
     return out
 
 

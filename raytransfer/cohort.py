@@ -35,11 +35,6 @@ def stream_key(spec: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def member_seed(job_key: str) -> int:
-    """A member's own generator seed (its dropout draws): from its key, so the same alone or in any cohort."""
-    return int(hashlib.sha256(job_key.encode()).hexdigest()[:15], 16)
-
-
 def member_bytes(net, probe, autocast, table_bytes: int = 0) -> dict:
     """Bytes one member holds while it trains, measured: {"weights", "training" (a gradient and a momentum
     buffer per trainable parameter), "activations" (what autograd saves on `probe`, a training batch, through

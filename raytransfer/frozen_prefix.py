@@ -8,8 +8,8 @@ share (bit-equal weights, checked: the same base's copied layers, or the same se
 frozen member reads its input at its *cut*, the trunk's output after its last shared layer.
 
 Only the deterministic part of a prefix is shared: a stage with an active dropout (the paper's dropout on a
-frozen fc6's output, CaffeNet.stochastic_stages) draws anew each step, so a member whose n reaches it runs it
-itself, with its own draws, as it would alone. Frozen batch norm stays in eval mode (models.TransferableNet).
+frozen fc6's output, CaffeNet.deterministic_stages) draws anew each step, so a member whose n reaches it runs it
+itself, with its own draws (models.SeededDropout), as it would alone. Frozen batch norm stays in eval mode (models.TransferableNet).
 
 Two ways to feed a cut, chosen per member from the member alone (never from who else is in its cohort, so a
 member trains the same net alone or in any cohort):
@@ -53,9 +53,9 @@ class Suffix(nn.Module):
 
 
 def shared_depth(net: nn.Module, n: int) -> int:
-    """How many of layers 1..n (frozen) can come from a shared trunk: up to the first stage that draws at random."""
-    random_stages = [i for i in net.stochastic_stages() if i < n]
-    return min(random_stages, default=n)
+    """How many of layers 1..n (frozen) can come from a shared trunk, or be looked up: those before the first stage
+    that draws at random (models.TransferableNet.deterministic_stages)."""
+    return min(n, net.deterministic_stages())
 
 
 def why_not(net: nn.Module, n: int, loaders, epochs: int) -> str | None:

@@ -24,7 +24,7 @@ import datetime
 import itertools
 import logging
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -179,55 +179,27 @@ class Member:
     model: torch.nn.Module
     copied_layers: tuple = ()          # fine-tuned copied layers (at recipe.copied_lr_mult)
     frozen_n: int = 0                  # layers 1..n frozen (frozen, random_frozen): a trunk may feed them
-    seed: int = 0                      # its own random draws (dropout): the same alone or in any cohort
     feed: tuple = RAW
 
 
 class _Run:
-    """What the loop keeps of one member while it trains: optimizer, curve, meter, its plateau level and stop,
-    its generator state (dropout) where it draws at random."""
+    """What the loop keeps of one member while it trains: optimizer, curve, meter, its plateau level and stop. (Its
+    random draws are its own already: dropout draws from each module's own generator, models.SeededDropout.)"""
 
     def __init__(self, member: Member, recipe: Recipe, device, optimizer=None, meter=None):
         self.member, self.key, self.model = member, member.key, member.model
         self.optimizer = optimizer if optimizer is not None else make_optimizer(member.net, recipe, member.copied_layers)
         self.meter = meter or Meter(device)
         self.history, self.lr_factor, self.stopped, self.steps = [], 1.0, False, 0
-        self.device, self.rng = device, None
-        if getattr(member.net, "stochastic_stages", list)():
-            with torch.random.fork_rng(devices=self._devices()):
-                torch.manual_seed(member.seed)
-                self.rng = self._rng_state()
-
-    def _devices(self) -> list:
-        return [self.device.index or 0] if self.device.type == "cuda" else []
-
-    def _rng_state(self) -> list:
-        return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in self._devices()]
-
-    @contextmanager
-    def own_draws(self):
-        """Its random draws from its own generator, so a cohort's other members take none of them."""
-        if self.rng is None:
-            yield
-            return
-        with torch.random.fork_rng(devices=self._devices()):
-            torch.set_rng_state(self.rng[0])
-            for d, st in zip(self._devices(), self.rng[1:]):
-                torch.cuda.set_rng_state(st, d)
-            yield
-            self.rng = self._rng_state()
 
     def state(self) -> dict:
         return {"model": self.member.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "history": list(self.history), "stopped": self.stopped, "steps": self.steps,
-                **({"rng": self.rng} if self.rng is not None else {})}
+                "history": list(self.history), "stopped": self.stopped, "steps": self.steps}
 
     def load(self, state: dict):
         self.member.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.history, self.stopped, self.steps = list(state["history"]), state.get("stopped", False), state["steps"]
-        if state.get("rng") is not None:
-            self.rng = list(state["rng"])
 
 
 def _train_chunk(runs: list[_Run], stream, plan, recipe: Recipe, step: int, stop_step: int, total_steps: int,
@@ -257,12 +229,11 @@ def _train_chunk(runs: list[_Run], stream, plan, recipe: Recipe, step: int, stop
                 g["lr"] = lr * g["lr_mult"]
             if recipe.channels_last and images.dim() == 4:      # (a frozen trunk's outputs may be flat)
                 images = images.contiguous(memory_format=torch.channels_last)
-            with r.own_draws():
-                with autocast():
-                    loss = F.cross_entropy(r.model(images), labels, label_smoothing=recipe.label_smoothing)
-                r.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                r.optimizer.step()
+            with autocast():
+                loss = F.cross_entropy(r.model(images), labels, label_smoothing=recipe.label_smoothing)
+            r.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            r.optimizer.step()
             m = r.meter
             m.loss_sum += loss.detach() * len(labels)
             m.images, m.lr, r.steps = m.images + len(labels), lr, step + 1
@@ -353,7 +324,7 @@ def fit_cohort(members: list[Member], recipe: Recipe, loaders, device, state: di
     """Train every member for the recipe's budget from one batch stream, evaluating `evals_per_epoch` times an
     epoch or every `eval_every_iters` steps, with a record (`report({key: metrics}, state)`) at each evaluation
     or each epoch's end (module docstring); resume from `state`. Each member is stepped exactly as it would be
-    alone (its own optimizer, schedule, plateau stop and random draws); `plan` (frozen_prefix.plan_inputs) says
+    alone (its own optimizer, schedule, plateau stop and dropout draws); `plan` (frozen_prefix.plan_inputs) says
     what each reads. Returns each member's summary by key."""
     plan = plan or InputPlan(loaders, [], True)
     runs = [_Run(m, recipe, device) for m in members]

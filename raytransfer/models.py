@@ -64,10 +64,11 @@ class TransferableNet(nn.Module):
         first n are a transfer's frozen prefix (computed once per input: frozen_prefix.py), the rest its trained part."""
         raise NotImplementedError
 
-    def stochastic_stages(self) -> list[int]:
-        """Indices of the stages that draw at random in training mode (a dropout), frozen or not: a frozen
-        prefix is shared between nets (frozen_prefix.py) only up to the first of them."""
-        return []
+    def deterministic_stages(self) -> int:
+        """How many leading stages are fixed functions once their layers are frozen: none of them draws random
+        numbers in training mode (a dropout does). A frozen prefix is looked up, or shared by a cohort's members,
+        at most this deep (frozen_prefix.py)."""
+        return len(self.layer_specs())
 
     def run_stages(self, x, start: int = 0, stop: int | None = None):
         for stage in self.stages()[start:stop]:
@@ -101,6 +102,41 @@ class CrossChannelLRN(nn.Module):
 
     def forward(self, x):
         return x / (self.k + F.conv2d(x * x, self.band.to(x.dtype))).pow(self.beta)
+
+
+class SeededDropout(nn.Dropout):
+    """nn.Dropout drawing its masks from its own generator, seeded as the net is built (from the trial's init
+    seed): a rerun of a trial draws the same masks, in any process, and a frozen prefix looked up once per input
+    (frozen_prefix.py) leaves them as they were, and the nets of a cohort draw each their own, as alone. A trial
+    resumed from a checkpoint starts the masks' stream afresh (its state is not part of the weights); a net under
+    torch.compile draws torch's own dropout masks."""
+
+    def __init__(self, p: float, seed: int):
+        super().__init__(p)
+        self.seed = int(seed)
+        self._generators = {}
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        if self.p >= 1:
+            return x * 0
+        if torch.compiler.is_compiling():      # torch.compile (the fast recipe on CUDA) traces torch's own dropout
+            return F.dropout(x, self.p, True)  # whole; its masks come from the global generator there
+        generator = self._generators.get(x.device)
+        if generator is None:                  # under DDP each rank its own masks (its own samples), rank 0 as alone
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            generator = self._generators[x.device] = torch.Generator(x.device).manual_seed(self.seed + 7919 * rank)
+        keep = torch.empty_like(x).bernoulli_(1 - self.p, generator=generator)
+        return x * keep / (1 - self.p)
+
+    def __getstate__(self):                   # generators do not pickle (copy.deepcopy, a net sent to a worker)
+        state = dict(super().__getstate__())
+        state["_generators"] = {}
+        return state
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, seed={self.seed}"
 
 
 def _geometry(resolution: int, stem_stride: int = 1):
@@ -149,13 +185,23 @@ class CaffeNet(TransferableNet):
         self.fc6 = nn.Linear(c[4] * side * side, fc)
         self.fc7 = nn.Linear(fc, fc)
         self.fc8 = nn.Linear(fc, num_classes)
-        self.drop6, self.drop7 = nn.Dropout(dropout), nn.Dropout(dropout)   # paper: 0.5
         init_caffenet(self, init)
+        # paper: 0.5; seeded after the weights (a net without dropout draws nothing more: its init is unchanged)
+        seeds = torch.randint(0, 2 ** 62, (2,)).tolist() if dropout > 0 else (0, 0)
+        self.drop6, self.drop7 = SeededDropout(dropout, seeds[0]), SeededDropout(dropout, seeds[1])
         if norm == "batch":            # one batch norm per layer but fc8, owned by that layer (frozen with it)
             for name in self.LAYERS[:-1]:
                 features = getattr(self, name).weight.shape[0]
                 self.add_module(f"{name}_bn", (nn.BatchNorm2d if name.startswith("conv") else nn.BatchNorm1d)(features))
             self.norm1 = self.norm2 = nn.Identity()
+
+    def deterministic_stages(self) -> int:
+        """Stage 7 (fc7) applies fc6's dropout to its input and stage 8 (fc8) fc7's: the stages before the first
+        active dropout are fixed functions."""
+        for index, drop in ((6, self.drop6), (7, self.drop7)):
+            if drop.p > 0:
+                return index
+        return len(self.LAYERS)
 
     def layer_specs(self):
         if self.norm == "batch":
@@ -177,9 +223,6 @@ class CaffeNet(TransferableNet):
                 lambda x: layer("fc6", x),
                 lambda x: layer("fc7", self.drop6(x)),             # dropout on fc6's output, on even when fc6 is
                 lambda x: self.fc8(self.drop7(x))]                  # frozen (the paper); fc7's likewise
-
-    def stochastic_stages(self) -> list[int]:
-        return [i for i, drop in ((6, self.drop6), (7, self.drop7)) if drop.p > 0]
 
     def forward(self, x):
         return self.run_stages(x)

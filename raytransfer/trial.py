@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cohort import budget_bytes, fit_members, member_bytes, member_seed, stream_key
+from .cohort import budget_bytes, fit_members, member_bytes, stream_key
 from .frozen_prefix import MAX_BYTES, first_images, plan_inputs, shared_depth, table_bytes, why_not
 from .loaders import CropSpec, build_half_loaders
 from .loop import Member, fit_cohort, one_net_state, planned_epochs
@@ -152,8 +152,7 @@ def build_cohort(specs: list[dict], device: torch.device, base_states: dict | No
             net = net.to(memory_format=torch.channels_last)
         net = net.to(device)
         copied = tuple(l.name for l in net.layer_table()[:n]) if mode == "finetune" else ()
-        members.append(Member(key, net, net, copied_layers=copied, frozen_n=n if mode in FROZEN_MODES else 0,
-                              seed=member_seed(key)))
+        members.append(Member(key, net, net, copied_layers=copied, frozen_n=n if mode in FROZEN_MODES else 0))
         references[key] = reference
     if recipe.compile and device.type == "cuda":
         wrap_model = _compiled(wrap_model)

@@ -154,3 +154,81 @@ def test_until_plateau_decays_at_each_plateau_and_stops_after_the_last():
     assert (level, stop) == (1, False)
     assert plateau_state(flat + [0.6] * 6, decays=2, patience=3) == (2, False)
     assert plateau_state(flat + [0.6] * 12, decays=2, patience=3) == (2, True)
+
+
+def two_arms(main_bnb=(0.01, -0.01, 0.0), lrn_bnb=(-0.03, -0.04, -0.02)):
+    """The grid of `table` trained twice, as `--recipes demo,demo_lrn` does: BnB − base at n = 3..6 per training
+    seed given per arm; the other effects as EFFECTS."""
+    frames = []
+    for recipe, bnb in (("demo", main_bnb), ("demo_lrn", lrn_bnb)):
+        effects = {seed: (b, *EFFECTS[seed][1:]) for seed, b in enumerate(bnb)}
+        frame = table(effects).drop(columns=["base_value", "rel", "base_converged"])
+        frames.append(frame.assign(recipe=recipe, sweep_recipe=recipe, job_key=frame["job_key"] + "-" + recipe))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_co_adaptation_is_answered_per_arm_with_its_interval_and_the_paired_difference():
+    from analysis.findings import co_adaptation_by_arm
+    from analysis.report import arms_of
+
+    arms, small = arms_of(two_arms())
+    assert list(arms) == ["demo", "demo_lrn"] and small == {"demo", "demo_lrn"}
+    result = co_adaptation_by_arm(arms, "the rule", small)
+    assert result["main"] == "demo"
+    # each arm: 6 units (2 split kinds x 3 seeds), each the mean of BnB − base over n = 3..6
+    for label, bnb in (("demo", (0.01, -0.01, 0.0)), ("demo_lrn", (-0.03, -0.04, -0.02))):
+        mean, low, high = t_interval([v for v in bnb for _ in range(2)])
+        part = result["arms"][label]
+        assert part["estimate"] == pytest.approx(mean) and part["interval"] == pytest.approx([low, high])
+        assert part["networks"] == 24 and part["units"] == 6 and part["bases"] == 12
+        assert part["bases_not_converged"] == 0 and "24 networks" in part["text"]
+    assert result["arms"]["demo"]["answer"] == "unresolved" and result["arms"]["demo_lrn"]["answer"] == "yes"
+    # the difference demo_lrn − demo, paired by unit: -0.04, -0.03, -0.02 per seed, each in two split kinds
+    difference = result["difference"]["demo_lrn"]
+    mean, low, high = t_interval([-0.04, -0.04, -0.03, -0.03, -0.02, -0.02])
+    assert difference["estimate"] == pytest.approx(mean) and difference["interval"] == pytest.approx([low, high])
+    assert difference["units"] == 6 and difference["minus"] == "demo"
+    assert "co-adaptation shows more there" in result["reading"]
+    assert "dip (BnB below its base at n = 3..6) shows with demo_lrn, not with demo" in result["reading"]
+
+
+def test_arms_without_a_dip_say_the_finding_is_not_reproduced_and_why_at_demo_size():
+    from analysis.findings import co_adaptation_by_arm
+    from analysis.report import arms_of
+
+    arms, small = arms_of(two_arms(lrn_bnb=(0.0, 0.01, -0.005)))
+    result = co_adaptation_by_arm(arms, "the rule", small)
+    assert {p["answer"] for p in result["arms"].values()} == {"unresolved"}
+    assert "cannot tell the arms apart" in result["reading"]
+    assert "not reproduced in any arm" in result["reading"] and "expected reading at demo size" in result["reading"]
+    # the same arms trained with recipes of the paper's size: no claim about demo size
+    big = {label.replace("demo", "paper"): rows for label, rows in arms.items()}
+    assert "demo size" not in co_adaptation_by_arm(big, "the rule", set())["reading"]
+    # one arm: nothing to compare
+    assert co_adaptation_by_arm({"demo": arms["demo"]}, "the rule") is None
+
+
+def test_the_report_answers_co_adaptation_per_arm_beside_the_main_arms_findings(tmp_path):
+    """science_check.json keeps its keys for the main arm (the first recipe) and adds each arm's answer."""
+    import json
+
+    from analysis.report import build_report
+
+    two_arms().drop(columns=["sweep_recipe"]).to_csv(tmp_path / "results.csv", index=False)
+    build_report(tmp_path)
+    check = json.loads((tmp_path / "science_check.json").read_text())
+    assert set(check) == {"co_adaptation", "specificity", "fine_tuning", "random_vs_transfer", "convergence",
+                          "co_adaptation_by_arm"}
+    by_arm = check["co_adaptation_by_arm"]
+    assert by_arm["main"] == "demo" and list(by_arm["arms"]) == ["demo", "demo_lrn"]
+    assert check["co_adaptation"]["estimate"] == pytest.approx(by_arm["arms"]["demo"]["estimate"])
+    assert check["co_adaptation"]["networks"] == 24 and check["convergence"]["bases"] == 12
+    page = (tmp_path / "report.html").read_text()
+    assert 'id="co-adaptation-arms"' in page and 'data-arm="demo_lrn"' in page
+    assert "co-adaptation is answered for each at the top" in page
+
+
+def test_an_estimate_too_close_to_zero_says_so_rather_than_asking_for_an_interval_it_has():
+    part = science_check(table({s: (v, *EFFECTS[s][1:]) for s, v in enumerate((0.01, -0.01, 0.0))}))["co_adaptation"]
+    assert part["answer"] == "unresolved" and part["interval"] is not None and "seeds_to_resolve" not in part
+    assert "too close to zero" in part["text"] and "give an interval" not in part["text"]

@@ -51,16 +51,29 @@ def base(dataset):
     return trial.run_trial(spec(dataset, "baseB", 0, get_recipe("demo", epochs=2, batch_size=8)), CPU)["state_dict"]
 
 
-@pytest.mark.parametrize("treatment,n", [("BnB", 7), ("BnB", 3), ("AnB", 1), ("random_frozen", 5)])
-def test_looked_up_prefix_trains_the_same_net_as_the_prefix_run_every_step(dataset, base, monkeypatch, treatment, n):
+# the paper's dropout on fc6/fc7 (demo_lrn): the looked-up prefix stops before the first dropout (fc6's output)
+DROPOUT = get_recipe("demo_lrn", epochs=20, batch_size=8, milestones=(0.7,))
+
+
+@pytest.fixture(scope="module")
+def dropout_base(dataset):
+    return trial.run_trial(spec(dataset, "baseB", 0, get_recipe("demo_lrn", epochs=2, batch_size=8)), CPU)["state_dict"]
+
+
+@pytest.mark.parametrize("treatment,n,recipe,depth", [("BnB", 7, RECIPE, 7), ("BnB", 3, RECIPE, 3), ("AnB", 1, RECIPE, 1),
+                                                      ("random_frozen", 5, RECIPE, 5), ("BnB", 7, DROPOUT, 6),
+                                                      ("BnB", 6, DROPOUT, 6), ("AnB", 3, DROPOUT, 3)])
+def test_looked_up_prefix_trains_the_same_net_as_the_prefix_run_every_step(dataset, base, dropout_base, monkeypatch,
+                                                                           treatment, n, recipe, depth):
+    base = dropout_base if recipe is DROPOUT else base
     plans = []
     real = trial.plan_inputs
     monkeypatch.setattr(trial, "plan_inputs", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
-    looked_up = trial.run_trial(spec(dataset, treatment, n), CPU, base_state=base)
-    assert plans[0].trunks[0].tables and not plans[0].trunks[0].live_cuts
+    looked_up = trial.run_trial(spec(dataset, treatment, n, recipe), CPU, base_state=base)
+    assert sorted(plans[0].trunks[0].tables) == [depth] and not plans[0].trunks[0].live_cuts
     monkeypatch.setattr(frozen_prefix, "why_not", lambda *a: "forced: every step")
-    every_step = trial.run_trial(spec(dataset, treatment, n), CPU, base_state=base)
-    assert plans[1].trunks[0].live_cuts == {n} and not plans[1].trunks[0].tables
+    every_step = trial.run_trial(spec(dataset, treatment, n, recipe), CPU, base_state=base)
+    assert plans[1].trunks[0].live_cuts == {depth} and not plans[1].trunks[0].tables
     assert [e["val_top1"] for e in looked_up["epoch_log"]] == [e["val_top1"] for e in every_step["epoch_log"]]
     assert looked_up["top1_best10"] == every_step["top1_best10"] and looked_up["frozen_check"] is True
     for k, v in every_step["state_dict"].items():

@@ -19,11 +19,11 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..models import ARCHITECTURES
-from ..recipes import Recipe, get_recipe, parse_overrides, reduced_recipe
+from ..recipes import RECIPES, Recipe, get_recipe, parse_overrides, reduced_recipe
 from ..synthetic import SyntheticSpec
 from .errors import SweepError
 from .monitor import LiveReport, MLflowJobs, check_tracking_uri
@@ -83,7 +83,9 @@ def add_sweep_args(p: argparse.ArgumentParser):
     g.add_argument("--seeds", help="similar-split seeds, e.g. 0,1,2,3 (the paper's four random halves)")
     g.add_argument("--train-seeds", help="training seeds (initialisation and data order), e.g. 0,1,2")
     g.add_argument("--n", help="layers copied, e.g. 1-7 or 1,3,5 (default: all, 1 .. layers - 1 of --arch)")
-    g.add_argument("--treatments", help=f"comma list of {', '.join(TREATMENTS)}")
+    g.add_argument("--treatments", help=f"comma list of {', '.join(TREATMENTS)}; TREATMENT:N (or :LO-HI) runs that one "
+                                        "at those n of the grid alone, e.g. BnB,BnB+:7 (BnB+ at n = 7: the second "
+                                        "schedule's control)")
     g.add_argument("--directions", choices=sorted(DIRECTIONS), help="AtoB: target B; BtoA: target A; both")
     g.add_argument("--reduced-k", metavar="K,...",
                    help="reduced-volume nets on all classes, the first k training images of each (0: all), with "
@@ -95,6 +97,14 @@ def add_sweep_args(p: argparse.ArgumentParser):
                         "similarity of baseA vs baseB and of each transfer vs its base; probe: linear probes on baseA's "
                         "layers; estimators: H-score, LogME, LEEP of baseA's layers on half B")
     p.add_argument("--scale", default="demo", help=f"one of {', '.join(SCALES)} (recipe and built-in data size)")
+    p.add_argument("--recipes", metavar="NAME,...",
+                   help="train the grid with each of these recipes, one arm each (their jobs keyed apart), e.g. "
+                        "demo,demo_lrn: the demo beside the paper's normalisation (LRN, dropout on fc6/fc7); the "
+                        "report answers co-adaptation per arm (default: the scale's recipe; `raytransfer recipes` "
+                        "lists them)")
+    p.add_argument("--data-seed", type=int, metavar="SEED",
+                   help="the built-in dataset's generator seed (default 0): another seed draws other classes and "
+                        "images, so its jobs have other keys; for the built-in data only")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", dest="set",
                    help="override one field of every recipe the sweep runs (the reduced-volume solver too), e.g. "
                         "--set iterations=300 --set width=0.125; repeatable; `raytransfer recipes` lists the fields. "
@@ -211,10 +221,26 @@ def apply_overrides(grid: dict, args, arch: str = "caffenet") -> dict:
     if grid.get("n") in ("all", "every"):          # "every": each n of the arch at every scale too
         grid["n"] = tune.grid_search(list(n_range(arch)))
     if args.treatments:
-        grid["treatment"] = tune.grid_search(_names(args.treatments, TREATMENTS, "treatment"))
+        names = [t.split(":")[0] for t in args.treatments.split(",")]
+        grid["treatment"] = tune.grid_search(_names(",".join(names), TREATMENTS, "treatment"))
     if args.directions:
         grid["target"] = tune.grid_search(list(DIRECTIONS[args.directions]))
     return grid
+
+
+def restrict_treatments(axes: list[dict], treatments: str | None) -> list[dict]:
+    """--treatments' TREATMENT:N entries: that treatment at those n alone (each n must be one of the grid's)."""
+    only = {}
+    for entry in (treatments or "").split(","):
+        name, sep, ns = entry.strip().partition(":")
+        if sep:
+            only[name] = set(_ints(ns, "treatments " + entry.strip()))
+    for name, ns in only.items():
+        grid_ns = {int(a["n"]) for a in axes if a["treatment"] == name}
+        if not ns <= grid_ns:
+            raise SweepError(f"--treatments {name}:{','.join(map(str, sorted(ns)))}: n = {min(ns - grid_ns)} is not in "
+                             f"the grid's n ({', '.join(map(str, sorted(grid_ns)))}); add it to --n")
+    return [a for a in axes if a["treatment"] not in only or int(a["n"]) in only[a["treatment"]]]
 
 
 def reduced_k_of(args, scale: Scale) -> tuple:
@@ -245,7 +271,7 @@ def resolve_dataset(args, scale: Scale, cache: Path) -> Dataset:
         raise SweepError(f"--scale {args.scale} trains the paper's net at 227 px: give --data, a prepared ImageNet "
                          "(raytransfer prepare imagenet ... --out DIR)")
     else:
-        spec = scale.synthetic
+        spec = synthetic_spec(args, scale)
         digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
         data_dir = cache / f"synthetic-{digest}"
         try:
@@ -257,7 +283,43 @@ def resolve_dataset(args, scale: Scale, cache: Path) -> Dataset:
                              f"RAYTRANSFER_CACHE={cache}: fix it there or point the variable elsewhere)") from None
     return Dataset(str(Path(data_dir).resolve()), manifest["name"], manifest["fingerprint"], manifest["classes"],
                    manifest.get("superclass_order"),
-                   synthetic=scale.synthetic.to_dict() if args.data is None else None)
+                   synthetic=spec.to_dict() if args.data is None else None)
+
+
+def synthetic_spec(args, scale: Scale) -> SyntheticSpec:
+    """The built-in dataset of the scale, drawn with --data-seed's generator seed where one is given."""
+    seed = getattr(args, "data_seed", None)
+    return scale.synthetic if seed is None else replace(scale.synthetic, seed=seed)
+
+
+def sweep_recipes(args, scale: Scale) -> list[Recipe]:
+    """The recipes of the sweep, each with the command line's overrides (--set, --arch, --until-plateau): --recipes,
+    else the scale's own. One error, before anything trains, for an unknown name, an override a recipe does not
+    take, or recipes of different architectures (their layer tables set the grid's n)."""
+    names = list(dict.fromkeys(_names(args.recipes, RECIPES, "recipe"))) if args.recipes else [scale.recipe]
+    overrides = {**parse_overrides(args.set), **({"arch": args.arch} if args.arch else {}),
+                 **({"schedule": "plateau", "until_plateau": args.until_plateau} if args.until_plateau else {})}
+    recipes = [get_recipe(name, **overrides) for name in names]
+    for recipe in recipes:
+        reduced_recipe(recipe).check()              # an override must suit the reduced-volume solver too
+    archs = sorted({r.arch for r in recipes})
+    if len(archs) > 1:
+        raise SweepError(f"--recipes {args.recipes}: the recipes train different architectures ({', '.join(archs)}); "
+                         "give recipes of one architecture, or --arch to train them all on one")
+    return recipes
+
+
+def build_arms(axes: list[dict], dataset: Dataset, recipes: list[Recipe], reduced_k=(), diagnostics=(),
+               settings: DiagnosticSettings = DiagnosticSettings()) -> tuple[list[Job], dict]:
+    """The grid's jobs for each recipe (an arm: its own bases, transfers and diagnostics; keys apart, as a key
+    hashes the recipe), bases of every arm first; and the grid's splits by label."""
+    jobs, splits = [], {}
+    for recipe in recipes:
+        arm, arm_splits = build_jobs(axes, dataset, recipe, reduced_k)
+        jobs += arm + build_diagnostic_jobs(arm, diagnostics, settings)
+        splits.update(arm_splits)
+    jobs = list({j.key: j for j in jobs}.values())
+    return sorted(jobs, key=lambda j: j.base_key is not None or j.treatment not in ("baseA", "baseB", "netbase")), splits
 
 
 def check_resolution(dataset: Dataset, recipe: Recipe) -> str | None:
@@ -371,9 +433,11 @@ def run(grid: dict, args, name: str, split_treatments: dict | None = None) -> in
     if args.until_plateau is not None and args.until_plateau < 1:
         raise SweepError(f"--until-plateau {args.until_plateau}: give the most epochs a net may train, a positive "
                          "number (e.g. --until-plateau 90)")
-    recipe = get_recipe(scale.recipe, **{**parse_overrides(args.set), **({"arch": args.arch} if args.arch else {}),
-                        **({"schedule": "plateau", "until_plateau": args.until_plateau} if args.until_plateau else {})})
-    reduced_recipe(recipe).check()                  # an override must suit the reduced-volume solver too
+    if args.data_seed is not None and (args.data is not None or scale.synthetic is None):
+        raise SweepError(f"--data-seed draws the built-in dataset; {'--data ' + str(args.data) if args.data else '--scale ' + args.scale} "
+                         "trains on a prepared dataset: drop --data-seed")
+    recipes = sweep_recipes(args, scale)
+    recipe = recipes[0]                             # the first arm: the grid's n range, the report's main setting
     from ray import tune
     if "split_seed" not in grid:                    # the paper's 4 random splits at paper scale, one at demo scale
         grid = {**grid, "split_seed": tune.grid_search(list(scale.split_seeds))}
@@ -400,15 +464,16 @@ def run(grid: dict, args, name: str, split_treatments: dict | None = None) -> in
     store.check_writable()
     # [2] the dataset, the jobs and their keys
     dataset = resolve_dataset(args, scale, Path(os.environ.get("RAYTRANSFER_CACHE", "~/.cache/raytransfer")).expanduser())
-    notes = [check_resolution(dataset, recipe)]
+    notes = list(dict.fromkeys(check_resolution(dataset, r) for r in recipes))
     if not (args.splits or args.split_file):        # the sweep file's own splits: leave out what this data lacks
         grid, dropped = drop_dissimilar_without_superclasses(grid, dataset)
         notes.append(dropped)
     axes = expand_axes(grid)
     if split_treatments and not args.treatments:
         axes = [a for a in axes if a["treatment"] in split_treatments.get(a["split"], [a["treatment"]])]
-    jobs, splits = build_jobs(axes, dataset, recipe, reduced_k_of(args, scale))
-    jobs += build_diagnostic_jobs(jobs, diagnostic_kinds(args, scale), scale.diagnostic_settings)
+    axes = restrict_treatments(axes, args.treatments)
+    jobs, splits = build_arms(axes, dataset, recipes, reduced_k_of(args, scale), diagnostic_kinds(args, scale),
+                              scale.diagnostic_settings)
     networks = [j for j in jobs if not j.is_diagnostic]         # the results table's rows
     short = check_batches(networks, dataset, args.workers_per_trial)
     if short and not args.dry_run:                 # a dry run lists the jobs anyway, and says so below
@@ -420,7 +485,11 @@ def run(grid: dict, args, name: str, split_treatments: dict | None = None) -> in
     if args.dry_run:
         print_job_table(jobs, done)
         from .estimate import print_estimate
-        print_estimate(jobs, done, recipe, dataset, args.cpus_per_trial, args.cohort_size)
+        for arm in recipes:                         # each arm at its own recipe's step speed
+            if len(recipes) > 1:
+                print(f"arm {arm.name}:")
+            print_estimate([j for j in jobs if j.spec["recipe"]["name"] in (arm.name, reduced_recipe(arm).name)],
+                           done, arm, dataset, args.cpus_per_trial, args.cohort_size)
         return 0
     out.mkdir(parents=True, exist_ok=True)
     for label, split in splits.items():
@@ -532,7 +601,7 @@ def summary_block(jobs, done_before: dict, records: dict, failed: dict, wall_s: 
 
 
 INVOCATION = "raytransfer-invocation.json"
-RESUME_FLAGS = ("scale", "set", "arch", "data", "splits", "split_file", "seeds", "train_seeds", "n", "treatments", "directions",
+RESUME_FLAGS = ("scale", "recipes", "data_seed", "set", "arch", "data", "splits", "split_file", "seeds", "train_seeds", "n", "treatments", "directions",
                 "reduced_k", "diagnostics", "until_plateau",
                 "gpus_per_trial",
                 "workers_per_trial", "cpus_per_trial", "host", "max_failures", "checkpoint_minutes", "max_concurrent",
