@@ -121,6 +121,26 @@ def synthetic_dataset(tmp_path_factory):
     return out, manifest
 
 
+@pytest.fixture(scope="session")
+def four_class_half(tmp_path_factory):
+    """(folder, class ids) of a 4-class built-in dataset stored raw at 32 px, 12 train and 4 val images a class:
+    the demo's input (30 px crops from the pixel store: 18 inputs an image) at a size a loop trains in seconds."""
+    from raytransfer.prepare import prepare
+    from raytransfer.synthetic import SyntheticSpec
+
+    spec = SyntheticSpec(seed=0, superclasses_per_family=2, classes_per_superclass=1, train_per_class=12,
+                         val_per_class=4)
+    out = tmp_path_factory.mktemp("synthetic4")
+    manifest = prepare("synthetic", None, out, resolution=None, format="raw", synthetic=spec)
+    return out, [c["id"] for c in manifest["classes"]]
+
+
+def trial_spec(half, treatment: str, n: int, recipe) -> dict:
+    """A trial's spec on four_class_half (training seed 3)."""
+    return {"job_key": f"t-{treatment}-n{n}", "data_dir": str(half[0]), "target_classes": half[1],
+            "treatment": treatment, "n": n, "seed": 3, "recipe": recipe.to_dict()}
+
+
 def tiny_jobs(ns=(1, 2), treatments=("AnB", "BnB", "random_frozen")):
     """The jobs of a small grid on a made-up 8-class dataset (keys and dependencies only: nothing is read)."""
     from ray import tune

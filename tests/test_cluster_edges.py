@@ -77,6 +77,24 @@ def test_a_dataset_every_node_holds_passes_with_a_note_for_nodes_added_later(clu
         ray.shutdown()
 
 
+def test_a_node_that_leaves_while_probed_is_skipped_not_an_error(cluster, capsys):
+    """An autoscaler scales an idle worker down between ray.nodes() and the probe pinned to it (seen in CI:
+    TaskUnschedulableError from the storage probe ended a sweep on the local autoscaler): that node gets no
+    answer and the check goes on; the nodes still there answer."""
+    from raytransfer.sweep.node_checks import _dataset_probe, ask_each_node
+
+    ray.init(address=cluster.address)
+    try:
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        gone = {**alive[0], "NodeID": "ab" * 28, "NodeManagerAddress": "192.0.2.9"}
+        answers = ask_each_node(_dataset_probe, alive + [gone], {"data_dir": "/nowhere", "dataset_fingerprint": None},
+                                timeout=60)
+    finally:
+        ray.shutdown()
+    assert set(answers) == {alive[0]["NodeID"]} and "no prepared dataset at /nowhere" in answers[alive[0]["NodeID"]]
+    assert "node 192.0.2.9 (abababab) left the cluster while being checked; skipped" in capsys.readouterr().out
+
+
 # last: the node it starts and stops must not linger into the other test's cluster
 @pytest.mark.skipif(not _can_unshare_mounts(), reason="needs `unshare -m` (root) to give a node its own disk")
 def test_data_a_node_does_not_hold(cluster, synthetic_dataset, tmp_path, capsys):

@@ -9,31 +9,24 @@ import copy
 import pytest
 import torch
 
+from conftest import trial_spec as spec
+
 from raytransfer.cohort import fit_members, member_bytes, stream_key
 from raytransfer.frozen_prefix import RAW, plan_inputs
-from raytransfer.prepare import prepare
 from raytransfer.recipes import get_recipe
-from raytransfer.synthetic import SyntheticSpec
 from raytransfer.trial import build_cohort, run_cohort, run_trial, train_cohort
 
 CPU = torch.device("cpu")
-SPEC = SyntheticSpec(seed=0, superclasses_per_family=2, classes_per_superclass=1, train_per_class=12, val_per_class=4)
 # the demo's net and input (30 px crops of 32 px images from the pixel store: 18 inputs an image); 20 epochs:
 # more than an image's inputs, so frozen layers are looked up; 6 epochs: fewer, so they run once per batch
 LOOKED_UP = get_recipe("demo", epochs=20, batch_size=8, milestones=(0.7,))
 PER_BATCH = get_recipe("demo", epochs=6, batch_size=8, milestones=(0.7,))
 
 
+
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic4")
-    manifest = prepare("synthetic", None, out, resolution=None, format="raw", synthetic=SPEC)
-    return out, [c["id"] for c in manifest["classes"]]
-
-
-def spec(dataset, treatment, n, recipe):
-    return {"job_key": f"t-{treatment}-n{n}", "data_dir": str(dataset[0]), "target_classes": dataset[1],
-            "treatment": treatment, "n": n, "seed": 3, "recipe": recipe.to_dict()}
+def dataset(four_class_half):
+    return four_class_half
 
 
 @pytest.fixture(scope="module")

@@ -4,34 +4,31 @@ batch for a whole cohort), and only up to a stage that draws at random."""
 import pytest
 import torch
 
+from conftest import trial_spec
+
 import raytransfer.frozen_prefix as frozen_prefix
 import raytransfer.trial as trial
 from raytransfer.frozen_prefix import Suffix, plan_inputs, shared_depth, why_not
 from raytransfer.loop import Member
 from raytransfer.loaders import CropSpec, build_half_loaders
 from raytransfer.models import build_model
-from raytransfer.prepare import prepare
 from raytransfer.recipes import get_recipe
-from raytransfer.synthetic import SyntheticSpec
 from raytransfer.transfer import build_trial_network
 
 CPU = torch.device("cpu")
-SPEC = SyntheticSpec(seed=0, superclasses_per_family=2, classes_per_superclass=1, train_per_class=12, val_per_class=4)
 # the demo's net and input (30 px crops of 32 px images held in memory: 3 x 3 offsets x mirror = 18 inputs an
 # image), 20 epochs of 6 steps: more epochs than inputs, so the prefix is looked up
 RECIPE = get_recipe("demo", epochs=20, batch_size=8, milestones=(0.7,))
 
 
+
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic4")
-    manifest = prepare("synthetic", None, out, resolution=None, format="raw", synthetic=SPEC)
-    return out, [c["id"] for c in manifest["classes"]]
+def dataset(four_class_half):
+    return four_class_half
 
 
 def spec(dataset, treatment, n, recipe=RECIPE):
-    return {"job_key": f"t.{treatment}.{n}", "data_dir": str(dataset[0]), "target_classes": dataset[1],
-            "treatment": treatment, "n": n, "seed": 3, "recipe": recipe.to_dict()}
+    return trial_spec(dataset, treatment, n, recipe)
 
 
 @pytest.mark.parametrize("arch,kw", [("caffenet", dict(width=0.125, resolution=30, norm="batch", stem_stride=2)),

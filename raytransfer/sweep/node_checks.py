@@ -29,12 +29,10 @@ def check_storage(storage: str, address: str | None):
         marker = Path(storage) / f".node-probe-{token}"
         marker.write_text(token)
         try:
-            probes = [_storage_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-                                             ).remote(str(marker), token) for n in nodes]
-            answers = ray.get(probes, timeout=120)
+            answers = ask_each_node(_storage_probe, nodes, str(marker), token)
         finally:
             marker.unlink(missing_ok=True)
-        blind = [f"{n['NodeManagerAddress']} ({n['NodeID'][:8]}): {why}" for n, why in zip(nodes, answers) if why]
+        blind = [f"{_node_name(n)}: {answers[n['NodeID']]}" for n in nodes if answers.get(n["NodeID"])]
         if blind:
             raise SweepError(f"--storage {storage} is not shared: {len(blind)} of the cluster's {len(nodes)} nodes "
                              f"cannot use it ({'; '.join(blind[:3])}), so trials there could not save checkpoints "
@@ -73,11 +71,9 @@ def check_dataset(jobs, types=()):
     here = ray.get_runtime_context().get_node_id()
     for data_dir, spec in specs.items():
         light = {"data_dir": data_dir, "dataset_fingerprint": spec.get("dataset_fingerprint")}
-        probes = [_dataset_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-                                         ).remote(light) for n in nodes if n["NodeID"] != here]
-        answers = iter(ray.get(probes, timeout=120))           # the driver's node: read here, no task
-        whys = [_dataset_problem(light) if n["NodeID"] == here else next(answers) for n in nodes]
-        bad = [(n, why) for n, why in zip(nodes, whys) if why]
+        answers = ask_each_node(_dataset_probe, [n for n in nodes if n["NodeID"] != here], light)
+        answers[here] = _dataset_problem(light)                # the driver's node: read here, no task
+        bad = [(n, answers[n["NodeID"]]) for n in nodes if answers.get(n["NodeID"])]
         if bad:
             (first, why), rest = bad[0], bad[1:]
             also = f"; also {', '.join(_node_name(n) for n, _ in rest[:5])}" if rest else ""
@@ -88,6 +84,23 @@ def check_dataset(jobs, types=()):
             print(f"[sweep] note: --data {data_dir} checked on the {len(nodes)} node(s) alive now; nodes the "
                   "autoscaler adds later must hold the same betons at that path (docs/cluster.md: stage them in "
                   "the setup commands), or their jobs fail with the reason", flush=True)
+
+
+def ask_each_node(probe, nodes: list[dict], *args, timeout: float = 120.0) -> dict:
+    """{node id: answer} of a zero-CPU probe pinned to each node. A node that leaves the cluster meanwhile (an
+    autoscaler scaling an idle worker down, a lost or preempted node) has no answer: it holds no trial to
+    protect, and a node that joins later is covered by the note the caller prints."""
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(*args)
+            for n in nodes]
+    ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    answers = {}
+    for node, ref in zip(nodes, refs):
+        try:
+            answers[node["NodeID"]] = ray.get(ref, timeout=0)
+        except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError,
+                ray.exceptions.WorkerCrashedError):
+            print(f"[sweep] node {_node_name(node)} left the cluster while being checked; skipped", flush=True)
+    return answers
 
 
 def _node_name(node: dict) -> str:
