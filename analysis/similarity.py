@@ -270,8 +270,8 @@ def fig_estimators_vs_level(summary: dict, values: pd.DataFrame | None = None):
     estimators = summary["estimators"]
     cells = pd.DataFrame(summary["surface"])
     names = {"hscore": "H-score", "logme": "LogME", "leep": "LEEP"}
-    titles = ["measured: AnB − base (mean over n)"] + [
-        f"{names[e]}<br>τ with p {_tau_short(v['tau_with_level'])}; with the drop {_tau_short(v['tau_with_measured'])}"
+    titles = ["measured:<br>AnB − base (mean over n)"] + [
+        f"{names[e]}<br>τ with p {_tau_short(v['tau_with_level'])}<br>τ with the drop {_tau_short(v['tau_with_measured'])}"
         for e, v in estimators.items()]
     fig = make_subplots(rows=1, cols=1 + len(estimators), subplot_titles=titles, horizontal_spacing=0.07)
     if not cells.empty:
@@ -284,7 +284,7 @@ def fig_estimators_vs_level(summary: dict, values: pd.DataFrame | None = None):
                                  hovertemplate="p = %{x:.3g}: %{y:.4g}<extra></extra>"), row=1, col=col)
     fig.update_xaxes(title_text="p")
     fig.update_layout(title="12 · Do the transferability estimators see the similarity? (each from the source base, "
-                            "before any transfer trained)", template="plotly_white", height=420, margin=dict(t=120),
+                            "before any transfer trained)", template="plotly_white", height=440, margin=dict(t=140),
                       showlegend=False)
     fig.update_annotations(font_size=11)
     return fig
