@@ -253,16 +253,29 @@ def arms_reading(per_arm: dict, differences: dict, main: str, small: set) -> str
         return (f"{sentence} The paper's dip (BnB below its base at n = {low}..{high}) shows with "
                 f"{' and '.join(dips)}" + (f", not with {', '.join(l for l in per_arm if l not in dips)}." if
                                             len(dips) < len(per_arm) else "."))
-    why = ""
-    if set(answered) <= small:
-        why = (" That is the expected reading at demo size: the demo recipes' nets (1/8 of the paper's width on 30 px "
-               "crops: about 0.1M parameters) retrain their upper layers for a whole schedule on the images their "
-               "frozen partners were trained on, so they are expected to relearn what the frozen layers "
-               "feed them (layers of SGD-trained nets stitch with little loss: Bansal, Nakkiran & Barak 2021); the "
-               "paper's dip (its logged BnB 1.8 and 3.0 points below the base at n = 4 and 5) is in a 60M-parameter "
-               "net trained on 645k images a half.")
+    why = f" {DEMO_SIZE_READING}" if set(answered) <= small else ""
     return (f"{sentence} The paper's dip (BnB below its base at n = {low}..{high}) is not reproduced in any arm of "
             f"this table.{why}").strip()
+
+
+DEMO_SIZE_READING = (
+    "That is the expected reading at demo size: the demo recipes' nets (1/8 of the paper's width on 30 px crops: "
+    "about 0.1M parameters) retrain their upper layers for a whole schedule on the images their frozen partners "
+    "were trained on, so they are expected to relearn what the frozen layers feed them (layers of SGD-trained nets "
+    "stitch with little loss: Bansal, Nakkiran & Barak 2021); the paper's dip (its logged BnB 1.8 and 3.0 points "
+    "below the base at n = 4 and 5) is in a 60M-parameter net trained on 645k images a half.")
+
+
+def co_adaptation_reading(finding: dict, small: bool) -> str | None:
+    """What a table of one setting's co-adaptation answer means where the paper's dip does not show in it: with a
+    demo-sized recipe (`small`) it is the expected reading, said with why; None where the dip shows, where there are
+    no rows to answer, or for nets of the paper's size (no claim)."""
+    if not small or finding["answer"] in ("yes", "not enough rows"):
+        return None
+    low, high = MIDDLE_N
+    return (f"The paper's dip (BnB below its base at n = {low}..{high}) is not reproduced at demo size. "
+            f"{DEMO_SIZE_READING} (benchmarks/RESULTS.md: neither the batch-norm demo nor the paper's normalisation "
+            "and dropout, `--recipes demo,demo_lrn`, shows it, on two generated datasets.)")
 
 
 WHOLE_UNIT = ("seed",)     # random frozen nets on the whole dataset (the paper): one unit per training seed

@@ -23,7 +23,7 @@ from plotly.offline import get_plotlyjs
 
 from analysis import figures
 from analysis.diagnostics import bases_share_init, diagnostic_figures, diagnostics_html, load_diagnostics
-from analysis.findings import co_adaptation_by_arm, convergence_summary, science_check
+from analysis.findings import co_adaptation_by_arm, co_adaptation_reading, convergence_summary, science_check
 from analysis.similarity import has_graded_levels, similarity_figures, similarity_html, similarity_summary
 from analysis.results import (BASE_TREATMENTS, METRIC, REDUCED, SETTING_COLUMNS, SPLIT_KINDS, TREATMENTS,
                               input_wait_by_treatment, layer_ticks, load_curves, load_rows, settings, split_label,
@@ -219,6 +219,9 @@ def build_report_from_rows(rows: pd.DataFrame, curves: pd.DataFrame, out_dir: Pa
     check = science_check(rows)
     convergence = convergence_summary(rows, PLATEAU_RULE)
     by_arm = co_adaptation_by_arm(arms, PLATEAU_RULE, small)    # None for a table of one setting
+    reading = None if by_arm else co_adaptation_reading(check["co_adaptation"], bool(small) and set(arms) <= small)
+    if reading:
+        check["co_adaptation"]["reading"] = reading
     atomic_write(out_dir / "table1.json", lambda p: p.write_text(json.dumps(results_table1, indent=2) + "\n"))
     atomic_write(out_dir / "science_check.json",
                  lambda p: p.write_text(json.dumps({**check, "convergence": convergence,
@@ -326,7 +329,9 @@ def _answer_class(answer: str) -> str:
 def science_html(check: dict, convergence: dict | None = None, by_arm: dict | None = None) -> str:
     items = "".join(
         f'<li id="finding-{name}">{html.escape(part["question"])} <span class="{_answer_class(part["answer"])}">'
-        f'{html.escape(part["answer"])}</span><br>{html.escape(part["text"])}</li>' for name, part in check.items())
+        f'{html.escape(part["answer"])}</span><br>{html.escape(part["text"])}'
+        + (f'<br><i class="reading">{html.escape(part["reading"])}</i>' if part.get("reading") else "") + "</li>"
+        for name, part in check.items())
     main = f" of {html.escape(by_arm['main'])}" if by_arm else ""
     return (f'<section class="science" id="science-check"><b>The paper\'s findings</b> (from this table\'s own '
             f"rows{main}; each network relative to the base of its target half; 95 % t intervals over independent "

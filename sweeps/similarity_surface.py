@@ -12,8 +12,8 @@ Levels must be exact for the dataset's family sizes (the built-in data's 12-clas
 Level 0 is the dissimilar split itself, so a `full_paper.py` run on the same --out has trained its bases.
 
 Cost: the default demo scale (built-in data, 3 training seeds, levels 0, 1/6, 1/3, 1/2, n = 1..7) is 84 frozen
-AnB + 24 bases + 36 diagnostics (`--dry-run`). Its wall time is not measured yet; twice the demo's bases (24,
-not 12) suggest about twice the demo's 14 minutes on 2 cores. The smoke-scale run is a test
+AnB + 24 bases + 36 diagnostics (`--dry-run`): 12 min 43 s on an idle 2-core machine (2026-12-06, in cohorts;
+benchmarks/RESULTS.md, "Transferability over graded task similarity"). The smoke-scale run is a test
 (tests/test_similarity.py).
 
     python sweeps/similarity_surface.py --dry-run

@@ -228,6 +228,28 @@ def test_the_report_answers_co_adaptation_per_arm_beside_the_main_arms_findings(
     assert "co-adaptation is answered for each at the top" in page
 
 
+def test_one_demo_sized_arm_without_the_dip_says_it_is_not_reproduced_and_why(tmp_path):
+    """The default demo (one arm): its report says plainly that the paper's dip is not reproduced at demo size and
+    why that is the expected reading; a table of paper-sized nets and a table that shows the dip say nothing."""
+    import json
+
+    from analysis.findings import co_adaptation_reading
+    from analysis.report import build_report
+
+    demo = two_arms().query("recipe == 'demo'").drop(columns=["sweep_recipe"])
+    demo.to_csv(tmp_path / "results.csv", index=False)
+    build_report(tmp_path)
+    part = json.loads((tmp_path / "science_check.json").read_text())["co_adaptation"]
+    assert part["answer"] == "unresolved"
+    assert part["reading"].startswith("The paper's dip (BnB below its base at n = 3..6) is not reproduced at demo size")
+    assert "expected reading at demo size" in part["reading"]
+    page = (tmp_path / "report.html").read_text()
+    assert "is not reproduced at demo size. That is the expected reading" in page
+    assert co_adaptation_reading(part, small=False) is None
+    assert co_adaptation_reading({**part, "answer": "yes"}, small=True) is None
+    assert co_adaptation_reading({**part, "answer": "not enough rows"}, small=True) is None
+
+
 def test_an_estimate_too_close_to_zero_says_so_rather_than_asking_for_an_interval_it_has():
     part = science_check(table({s: (v, *EFFECTS[s][1:]) for s, v in enumerate((0.01, -0.01, 0.0))}))["co_adaptation"]
     assert part["answer"] == "unresolved" and part["interval"] is not None and "seeds_to_resolve" not in part
