@@ -31,9 +31,11 @@ from test_autoscaling import HEAD_ID, nodes, started, submit
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "sweeps/full_paper.py --scale smoke --splits similar --n 1 --treatments AnB --no-report --address auto"
-# a fault strikes a base caught after its second checkpoint (epoch 2 of 6): the seconds a preemption waits past
-# its drain's deadline never outlast the base (with the smoke recipe's 3 epochs one sometimes finished first)
-SLOWER = "--set epochs=6"
+# a fault strikes a base caught after its second checkpoint (epoch 2 of 40): the seconds the hook polls and a
+# preemption waits past its drain's deadline never outlast the base. Since the smoke recipe reads the pixel store
+# an epoch takes ~0.25 s on an idle 2-core machine: at 6 epochs a base finished during the drain, and the fault
+# hit the transfer that followed it on that node (CI, idle); 40 epochs leave ~9 s
+SLOWER = "--set epochs=40"
 
 
 @pytest.fixture(scope="module")
